@@ -1,0 +1,28 @@
+"""User-facing errors: one clear line each, raised before anything is changed."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DynarchError(ValueError):
+    """A request dynarch refuses; the message is one line naming the problem."""
+
+
+class UnknownTargetError(DynarchError):
+    """The named module does not exist or cannot change its output channels."""
+
+
+class UnsupportedOpError(DynarchError):
+    """A channel group passes through an op whose channel layout dynarch cannot keep consistent."""
+
+
+class InvalidMutationError(DynarchError):
+    """A grow/prune request with impossible arguments (k <= 0, pruning a group to zero, ...)."""
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """A ' (did you mean: a, b?)' suffix for error messages, or '' when nothing is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    return f" (did you mean: {', '.join(repr(m) for m in matches)}?)" if matches else ""

@@ -1,0 +1,387 @@
+"""ArchGraph: the traced architecture as a networkx graph, plus its channel groups.
+
+Tracing and coupling come from Torch-Pruning's DependencyGraph. We turn its nodes into a
+``networkx.DiGraph`` (what users query and export) and its full-width pruning groups into
+:class:`ChannelGroup` objects: for every coupled tensor dimension, *where* the group's channels
+sit (offset inside a concat, block size after a flatten). Growth and pruning are planned from
+these groups only.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
+
+from dynarch.errors import UnknownTargetError, close_matches
+from dynarch.surgery.layers import is_weighted, role_of, unsupported_reason
+
+# Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
+_CHANNEL_REARRANGING = (
+    "ChannelShuffle",
+    "Transpose",
+    "Permute",
+    "PixelShuffle",
+    "PixelUnshuffle",
+    "Roll",
+    "Flip",
+    "Index",
+    "Gather",
+    "Sort",
+)
+_OP_TYPES_UNSUPPORTED = {
+    tp.ops.OPTYPE.SPLIT: "split",
+    tp.ops.OPTYPE.SLICE: "slice",
+    tp.ops.OPTYPE.UNBIND: "unbind",
+    tp.ops.OPTYPE.EXPAND: "expand",
+    tp.ops.OPTYPE.CUSTOMIZED: "custom op",
+    tp.ops.OPTYPE.PARAMETER: "bare nn.Parameter",
+}
+
+# Example inputs remembered per model, so later mutations can re-trace without being given them.
+_EXAMPLE_INPUTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One module dimension coupled to a group: channels ``start .. stop`` of its ``side``.
+
+    ``multiplicity`` entries belong to each channel (H*W for a linear after a flatten).
+    """
+
+    module: str
+    side: str
+    role: str
+    start: int
+    stop: int
+    multiplicity: int
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channel dimensions that must always have the same width."""
+
+    name: str
+    width: int
+    members: tuple[GroupMember, ...]
+    ops: tuple[str, ...] = ()
+    at_output: bool = False
+    unsupported: str | None = None
+
+    @property
+    def producers(self) -> list[str]:
+        return [m.module for m in self.members if m.role == "producer"]
+
+    @property
+    def consumers(self) -> list[str]:
+        return [m.module for m in self.members if m.role == "consumer"]
+
+    def member_modules(self) -> list[str]:
+        return sorted({m.module for m in self.members})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "width": self.width,
+            "at_output": self.at_output,
+            "unsupported": self.unsupported,
+            "ops": list(self.ops),
+            "members": [m.__dict__ for m in self.members],
+        }
+
+
+@dataclass
+class ArchGraph:
+    """Architecture of a model at one moment: graph of layers/ops and its channel groups."""
+
+    nx: nx.DiGraph
+    groups: list[ChannelGroup]
+    _group_of_module: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)
+    dependency_graph: tp.DependencyGraph | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_module(cls, model: nn.Module, example_inputs: Any = None) -> ArchGraph:
+        """Trace ``model`` on ``example_inputs`` (or the inputs it was last traced with)."""
+        example_inputs = remember_example_inputs(model, example_inputs)
+        dg = _trace(model, example_inputs)
+        return _build(model, dg)
+
+    # -- queries -------------------------------------------------------------------------------
+    def targets(self) -> list[str]:
+        """Module names whose output channels can grow or shrink."""
+        return [
+            name
+            for name, g in self._group_of_module.items()
+            if not g.at_output and g.unsupported is None and name in g.producers
+        ]
+
+    def group_of(self, target: str) -> ChannelGroup:
+        """The channel group formed by ``target``'s output channels."""
+        if target not in self._group_of_module:
+            raise UnknownTargetError(
+                f"no conv/linear layer named {target!r} in the traced model"
+                + close_matches(target, self._group_of_module)
+            )
+        return self._group_of_module[target]
+
+    def widths(self) -> dict[str, int]:
+        """Width of every channel group, by group name."""
+        return {g.name: g.width for g in self.groups}
+
+    # -- export --------------------------------------------------------------------------------
+    def to_node_link(self) -> dict[str, Any]:
+        data = nx.node_link_data(self.nx, edges="edges")
+        data["graph"]["groups"] = [g.to_dict() for g in self.groups]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_node_link(), sort_keys=True)
+
+    def write_graphml(self, path: str) -> None:
+        nx.write_graphml(self.nx, path)
+
+
+def remember_example_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """Store ``example_inputs`` for ``model`` (moved to its device) or fetch the stored ones."""
+    if example_inputs is None:
+        if model not in _EXAMPLE_INPUTS:
+            raise UnknownTargetError(
+                "example_inputs are needed to trace this model the first time "
+                "(pass a batch, e.g. example_inputs=x[:1])"
+            )
+        return _EXAMPLE_INPUTS[model]
+    device = next((p.device for p in model.parameters()), None)
+    if isinstance(example_inputs, torch.Tensor) and device is not None:
+        example_inputs = example_inputs.detach()[:1].to(device)
+    _EXAMPLE_INPUTS[model] = example_inputs
+    return example_inputs
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Torch-Pruning's trace, without leaving the model in eval mode."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextmanager
+def _index_mapping_frozen() -> Iterator[None]:
+    """Skip Torch-Pruning's index-mapping refresh inside ``get_pruning_group``.
+
+    ``build_dependency`` has just computed the mappings and the model does not change while we
+    enumerate groups, but the refresh runs on every call and dominates (seconds for densenet121).
+    """
+    original = tp_index_mapping.update_index_mapping
+    tp_index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_index_mapping = original
+
+
+def _op_label(module: nn.Module) -> str:
+    """Short readable kind of a traced op node ('add', 'relu', 'cat', 'flatten', ...)."""
+    if isinstance(module, tp.ops._ConcatOp):
+        return "cat"
+    if isinstance(module, tp.ops._ReshapeOp):
+        return "flatten"
+    if isinstance(module, tp.ops._OutputOp):
+        return "output"
+    raw = str(getattr(module, "_grad_fn", type(module).__name__))
+    for suffix in ("Backward0", "Backward1", "Backward"):
+        raw = raw.replace(suffix, "")
+    return raw.lower() or "op"
+
+
+def _node_attrs(module: nn.Module, name: str | None) -> dict[str, Any]:
+    """Node attributes for the networkx graph (GraphML-safe scalars only)."""
+    if name is None:
+        return {"kind": "op", "op": _op_label(module)}
+    attrs: dict[str, Any] = {
+        "kind": "module",
+        "op": type(module).__name__,
+        "module": name,
+        "params": sum(p.numel() for p in module.parameters(recurse=False)),
+    }
+    if isinstance(module, nn.modules.conv._ConvNd):
+        attrs.update(
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel="x".join(map(str, module.kernel_size)),
+            stride="x".join(map(str, module.stride)),
+            groups=module.groups,
+        )
+    elif isinstance(module, nn.Linear):
+        attrs.update(in_channels=module.in_features, out_channels=module.out_features)
+    else:
+        width = next(
+            (
+                t.shape[0]
+                for t in (getattr(module, "weight", None), getattr(module, "running_mean", None))
+                if t is not None
+            ),
+            None,
+        )
+        if width is not None:
+            attrs.update(in_channels=int(width), out_channels=int(width))
+    return attrs
+
+
+def trace_group(
+    model: nn.Module, target: str, example_inputs: Any = None
+) -> tuple[ChannelGroup, tp.DependencyGraph]:
+    """Trace ``model`` and compute only the channel group of ``target``'s output channels.
+
+    This is what a mutation needs; building every group (``ArchGraph.from_module``) costs a
+    second per hundred layers.
+    """
+    example_inputs = remember_example_inputs(model, example_inputs)
+    dg = _trace(model, example_inputs)
+    module_names, ids = _names(model, dg)
+    module = model.get_submodule(target)
+    if module not in dg.module2node:
+        raise UnknownTargetError(f"{target!r} is not used in the model's forward pass")
+    with _index_mapping_frozen():
+        return _channel_group(dg, module, module_names, ids), dg
+
+
+def _names(model: nn.Module, dg: tp.DependencyGraph) -> tuple[dict[nn.Module, str], dict]:
+    """Module paths, and stable names for every traced node (ops numbered per kind)."""
+    module_names = {m: n for n, m in model.named_modules()}
+    ids: dict[Any, str] = {}
+    counters: dict[str, int] = {}
+    for node in sorted(
+        dg.module2node.values(),
+        key=lambda n: (n.module not in module_names, getattr(n.module, "id", 0)),
+    ):
+        if node.module in module_names:
+            ids[node] = module_names[node.module]
+        else:
+            label = _op_label(node.module)
+            ids[node] = f"{label}_{counters.get(label, 0)}"
+            counters[label] = counters.get(label, 0) + 1
+    return module_names, ids
+
+
+def _build(model: nn.Module, dg: tp.DependencyGraph) -> ArchGraph:
+    module_names, ids = _names(model, dg)
+    nodes = list(dg.module2node.values())
+    g = nx.DiGraph()
+    for node in nodes:
+        g.add_node(ids[node], **_node_attrs(node.module, module_names.get(node.module)))
+    for node in nodes:
+        for out in node.outputs:
+            g.add_edge(ids[node], ids[out])
+
+    groups: list[ChannelGroup] = []
+    group_of: dict[str, ChannelGroup] = {}
+    with _index_mapping_frozen():
+        for name, module in model.named_modules():
+            if not is_weighted(module) or name in group_of or module not in dg.module2node:
+                continue
+            group = _channel_group(dg, module, module_names, ids)
+            groups.append(group)
+            for member in group.members:
+                if member.role != "consumer":
+                    group_of.setdefault(member.module, group)
+    for group in groups:
+        for member in group.members:
+            if member.role != "consumer":
+                g.nodes[member.module]["group"] = group.name
+    return ArchGraph(nx=g, groups=groups, _group_of_module=group_of, dependency_graph=dg)
+
+
+def _channel_group(
+    dg: tp.DependencyGraph,
+    module: nn.Module,
+    module_names: dict[nn.Module, str],
+    ids: dict[Any, str],
+) -> ChannelGroup:
+    width = dg.get_out_channels(module)
+    pruner = dg.get_pruner_of_module(module)
+    tp_group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+    members: list[GroupMember] = []
+    ops: list[str] = []
+    at_output = False
+    unsupported: str | None = None
+    for item in tp_group.items:
+        node, target = item.dep.target, item.dep.target.module
+        out_side = item.dep.handler.__name__.startswith("prune_out")
+        if out_side and not node.outputs:  # these channels leave the model: fixed by the task
+            at_output = True
+        if target not in module_names:  # a traced op, not a module
+            ops.append(ids[node])
+            if node.type == tp.ops.OPTYPE.OUTPUT:
+                at_output = True
+            elif node.type in _OP_TYPES_UNSUPPORTED:
+                unsupported = unsupported or f"op {ids[node]} ({_OP_TYPES_UNSUPPORTED[node.type]})"
+            elif any(
+                k in ids[node].lower() or k in str(getattr(target, "_grad_fn", ""))
+                for k in _CHANNEL_REARRANGING
+            ):
+                unsupported = unsupported or f"op {ids[node]} rearranges channels"
+            continue
+        mname = module_names[target]
+        reason = unsupported_reason(target)
+        if reason:
+            unsupported = unsupported or f"{mname}: {reason}"
+            continue
+        side = "out" if out_side else "in"
+        if not isinstance(target, (nn.modules.conv._ConvNd, nn.Linear)):
+            side = "out"  # channel-wise layers have one channel dimension
+        member, problem = _placement(
+            mname, side, role_of(target, side), item.idxs, item.root_idxs, width
+        )
+        if problem:
+            unsupported = unsupported or f"{mname}: {problem}"
+            continue
+        members.append(member)
+    unique = list(dict.fromkeys(members))
+    # Named after its first producer in module order, whichever member it was traced from.
+    order = {n: i for i, n in enumerate(module_names.values())}
+    producers = [m.module for m in unique if m.role == "producer"] or [module_names[module]]
+    return ChannelGroup(
+        name=min(producers, key=order.__getitem__),
+        width=width,
+        members=tuple(unique),
+        ops=tuple(sorted(set(ops))),
+        at_output=at_output,
+        unsupported=unsupported,
+    )
+
+
+def _placement(
+    module: str,
+    side: str,
+    role: str,
+    idxs: Sequence[int],
+    root_idxs: Sequence[int],
+    width: int,
+) -> tuple[GroupMember | None, str | None]:
+    """Where the group's channels sit in one member's dimension: a contiguous block, channel-major.
+
+    Anything else (interleaved or permuted channels) cannot be grown by appending, so it is
+    reported as a problem instead of producing a silently wrong model.
+    """
+    pairs = sorted(zip(idxs, root_idxs, strict=True))
+    if len(pairs) % width:
+        return None, f"{len(pairs)} coupled entries are not a multiple of width {width}"
+    mult = len(pairs) // width
+    start = pairs[0][0]
+    for offset, (pos, root) in enumerate(pairs):
+        if pos != start + offset or root != offset // mult:
+            return None, "channel order is rearranged (e.g. a shuffle or permute)"
+    return GroupMember(module, side, role, start, start + len(pairs), mult), None

@@ -1,0 +1,145 @@
+"""How new channels are initialised: a registry of named initializers, one growth hook.
+
+An initializer receives a :class:`GrowthContext` (the model before growth, the channel group,
+k, optional data) and returns :class:`NewChannels`: the new fan-in rows of every producer and
+the new fan-out columns of every consumer. The surgery inserts them; channel-wise layers
+(BatchNorm, depthwise convs) always get neutral values.
+
+Register your own with ``@register_initializer("name")`` or pass ``init="pkg.module:function"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynarch.errors import DynarchError, close_matches
+from dynarch.graph import ChannelGroup
+from dynarch.surgery.layers import receptive_field
+
+
+@dataclass
+class GrowthContext:
+    """Everything an initializer may look at; the model is still at its old width."""
+
+    model: nn.Module
+    group: ChannelGroup
+    k: int
+    modules: dict[str, nn.Module]
+    data: Any = None
+    loss_fn: Callable | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def fan_in_shape(self, producer: str) -> tuple[int, ...]:
+        w = self.modules[producer].weight
+        return (self.k, *w.shape[1:])
+
+    def fan_out_shape(self, consumer: str) -> tuple[int, ...]:
+        w = self.modules[consumer].weight
+        mult = next(
+            m.multiplicity
+            for m in self.group.members
+            if m.module == consumer and m.role == "consumer"
+        )
+        return (w.shape[0], self.k * mult, *w.shape[2:])
+
+    def consumer_fan_in(self, consumer: str) -> int:
+        """Fan-in of a consumer after growth (for default-scale random weights)."""
+        shape = self.fan_out_shape(consumer)
+        w = self.modules[consumer].weight
+        return (w.shape[1] + shape[1]) * receptive_field(w)
+
+
+@dataclass
+class NewChannels:
+    """Values for the k new channels: fan-in rows per producer, fan-out columns per consumer."""
+
+    fan_in: dict[str, torch.Tensor]
+    fan_out: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Initializer = Callable[[GrowthContext], NewChannels]
+_REGISTRY: dict[str, Initializer] = {}
+
+
+def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
+    """Decorator: make an initializer available as ``grow(..., init=name)``."""
+
+    def decorate(fn: Initializer) -> Initializer:
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_initializers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_initializer(init: str | Initializer) -> Initializer:
+    """Resolve a registered name, an import path ``pkg.mod:fn`` / ``pkg.mod.fn``, or a callable."""
+    if callable(init):
+        return init
+    if init in _REGISTRY:
+        return _REGISTRY[init]
+    if "." in init or ":" in init:
+        mod_name, _, attr = init.replace(":", ".").rpartition(".")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise DynarchError(f"cannot import initializer {init!r}: {exc}") from None
+        if callable(fn):
+            return fn
+    raise DynarchError(
+        f"unknown initializer {init!r}; known: {', '.join(available_initializers())}"
+        + close_matches(init, _REGISTRY)
+    )
+
+
+def default_uniform(shape: tuple[int, ...], fan_in: int, like: torch.Tensor) -> torch.Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default conv/linear weight scale."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return torch.empty(shape, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
+
+
+@register_initializer("random")
+def random_init(ctx: GrowthContext) -> NewChannels:
+    """Zero fan-in (function unchanged), random fan-out at the layer's default scale."""
+    fan_in = {
+        p: torch.zeros(
+            ctx.fan_in_shape(p),
+            device=ctx.modules[p].weight.device,
+            dtype=ctx.modules[p].weight.dtype,
+        )
+        for p in ctx.group.producers
+    }
+    fan_out = {
+        c: default_uniform(ctx.fan_out_shape(c), ctx.consumer_fan_in(c), ctx.modules[c].weight)
+        for c in ctx.group.consumers
+    }
+    return NewChannels(fan_in, fan_out)
+
+
+@register_initializer("zeros")
+def zeros_init(ctx: GrowthContext) -> NewChannels:
+    """Random fan-in at the layer's default scale, zero fan-out (function unchanged)."""
+    fan_in = {}
+    for p in ctx.group.producers:
+        w = ctx.modules[p].weight
+        fan_in[p] = default_uniform(ctx.fan_in_shape(p), w.shape[1] * receptive_field(w), w)
+    fan_out = {
+        c: torch.zeros(
+            ctx.fan_out_shape(c),
+            device=ctx.modules[c].weight.device,
+            dtype=ctx.modules[c].weight.dtype,
+        )
+        for c in ctx.group.consumers
+    }
+    return NewChannels(fan_in, fan_out)

@@ -1,0 +1,224 @@
+"""Small CNNs built from plain ``torch.nn`` modules, so torch-pruning can trace them.
+
+Layers carry readable, stable names (``features.conv1``, ``layer2.0.conv1``, ...) because grow and
+prune requests, logs and checkpoints refer to modules by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+BUILTIN_MODELS = ("vgg_small", "resnet_small")
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def vgg_small(
+    num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 8
+) -> nn.Sequential:
+    """VGG-style net whose conv->flatten->linear head exercises spatial multiplicity > 1.
+
+    Plan ``[w, w, M, 2w, 2w, M]`` of Conv3x3-BN-ReLU blocks; a max-pool is skipped when it would
+    shrink the feature map below 1x1, so tiny inputs still work.
+    """
+    _check_positive(
+        num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
+    )
+    plan: list[int | str] = [width, width, "M", 2 * width, 2 * width, "M"]
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels, size, conv_index, pool_index = in_channels, image_size, 0, 0
+    for item in plan:
+        if item == "M":
+            if size // 2 < 1:
+                continue
+            pool_index += 1
+            layers[f"pool{pool_index}"] = nn.MaxPool2d(2)
+            size //= 2
+            continue
+        assert isinstance(item, int)
+        conv_index += 1
+        layers[f"conv{conv_index}"] = nn.Conv2d(channels, item, 3, padding=1, bias=False)
+        layers[f"bn{conv_index}"] = nn.BatchNorm2d(item)
+        layers[f"relu{conv_index}"] = nn.ReLU()
+        channels = item
+    classifier = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(channels * size * size, 4 * width),
+            relu=nn.ReLU(),
+            fc2=nn.Linear(4 * width, num_classes),
+        )
+    )
+    return nn.Sequential(OrderedDict(features=nn.Sequential(layers), classifier=classifier))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; the residual add ties conv2's and the shortcut's output channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                    bn=nn.BatchNorm2d(out_channels),
+                )
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """CIFAR-style ResNet: stem, three stages (w, 2w, 4w; strides 1, 2, 2), global pool, linear."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 16,
+        blocks: Sequence[int] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(width),
+                relu=nn.ReLU(),
+            )
+        )
+        channels = width
+        for stage, (count, stride) in enumerate(zip(blocks, (1, 2, 2), strict=True), start=1):
+            out_channels = width * 2 ** (stage - 1)
+            stage_blocks = []
+            for index in range(count):
+                stage_blocks.append(
+                    BasicBlock(channels, out_channels, stride=stride if index == 0 else 1)
+                )
+                channels = out_channels
+            self.add_module(f"layer{stage}", nn.Sequential(*stage_blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def resnet_small(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    width: int = 16,
+    blocks: Sequence[int] = (1, 1, 1),
+) -> ResNetSmall:
+    """A residual net, so growth and pruning must keep channels tied across skip connections."""
+    _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
+    if len(blocks) != 3 or any(int(b) < 1 for b in blocks):
+        raise ValueError(f"resnet_small needs 3 positive block counts, got {tuple(blocks)}")
+    return ResNetSmall(num_classes, in_channels, width, tuple(int(b) for b in blocks))
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: int, **kwargs: object
+) -> nn.Module:
+    """Build a model by name (``vgg_small``, ``resnet_small`` or ``torchvision:<name>``).
+
+    Extra keyword arguments go to the builder (e.g. ``width``); ``image_size`` only matters to
+    ``vgg_small``, whose linear head depends on it.
+    """
+    if name == "vgg_small":
+        return vgg_small(num_classes, in_channels, image_size=image_size, **kwargs)  # type: ignore[arg-type]
+    if name == "resnet_small":
+        return resnet_small(num_classes, in_channels, **kwargs)  # type: ignore[arg-type]
+    if name.startswith(TORCHVISION_PREFIX):
+        tv_name = name[len(TORCHVISION_PREFIX) :]
+        if tv_name in _torchvision_names():
+            return _build_torchvision(tv_name, num_classes, in_channels, **kwargs)
+    valid = list(BUILTIN_MODELS) + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = (
+        f"did you mean: {', '.join(close)}?"
+        if close
+        else (
+            f"valid: {', '.join(BUILTIN_MODELS)} or torchvision:<name> (e.g. torchvision:resnet18)"
+        )
+    )
+    raise ValueError(f"unknown model {name!r}; {hint}")
+
+
+def count_params(model: nn.Module) -> int:
+    """Total number of parameters, the size measure growth and pruning move."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _torchvision_names() -> list[str]:
+    """Classification model names torchvision registers (no detection/segmentation heads)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _build_torchvision(
+    name: str, num_classes: int, in_channels: int, **kwargs: object
+) -> nn.Module:
+    """Untrained torchvision classifier, its first conv swapped when the input isn't RGB."""
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, name)
+    return model
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int, model_name: str) -> None:
+    """Swap the first Conv2d for one with ``in_channels`` inputs and identical other settings."""
+    for qualified, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        if in_channels % module.groups != 0:
+            raise ValueError(
+                f"torchvision:{model_name}: first conv has groups={module.groups}, "
+                f"which does not divide in_channels={in_channels}"
+            )
+        replacement = nn.Conv2d(
+            in_channels,
+            module.out_channels,
+            module.kernel_size,  # type: ignore[arg-type]
+            stride=module.stride,  # type: ignore[arg-type]
+            padding=module.padding,  # type: ignore[arg-type]
+            dilation=module.dilation,  # type: ignore[arg-type]
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        parent_name, _, attr = qualified.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, replacement)
+        return
+    raise ValueError(f"torchvision:{model_name} has no Conv2d to adapt to {in_channels} channels")
+
+
+def _check_positive(**values: int) -> None:
+    """Reject non-positive sizes up front with a clear message instead of a shape error later."""
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")

@@ -1,0 +1,126 @@
+"""Growth: append k channels to every member of a channel group, in place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynarch.errors import DynarchError
+from dynarch.graph import ChannelGroup
+from dynarch.initializers import GrowthContext, NewChannels, get_initializer
+from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map
+from dynarch.surgery.layers import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
+from dynarch.surgery.plan import (
+    check_forward,
+    check_group_norms,
+    check_k,
+    count_params,
+    resolve,
+    swap_tensors,
+)
+from dynarch.surgery.record import MutationRecord
+
+
+def grow(
+    model: nn.Module,
+    target: str,
+    k: int,
+    init: str | Callable = "random",
+    data: Any = None,
+    loss_fn: Callable | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    example_inputs: Any = None,
+    **init_options: Any,
+) -> MutationRecord:
+    """Add ``k`` output channels to ``target`` and to everything coupled with them.
+
+    New channels are appended after the group's existing channels in every member (at the
+    right offset inside concatenations, as ``k * H * W`` features after a flatten). ``init``
+    chooses the new fan-in/fan-out values; channel-wise layers get neutral values (BatchNorm
+    gamma=1, beta=0, mean 0, var 1; depthwise identity kernels). ``optimizer`` keeps working
+    with its state zero-padded for the new entries. On any error nothing is changed.
+    """
+    start = time.perf_counter()
+    k = check_k(k)
+    initializer = get_initializer(init)
+    group, _, modules = resolve(model, target, example_inputs)
+    check_group_norms(group, modules, lambda width: width + k)
+    params_before = count_params(model)
+
+    ctx = GrowthContext(model, group, k, modules, data, loss_fn, dict(init_options))
+    new = initializer(ctx)
+    _check_new_channels(ctx, new)
+
+    edits, tensors = _plan(group, modules, k, new)
+    with all_or_nothing(list(modules.values()), optimizer):
+        swap_tensors(modules, edits, tensors, optimizer)
+        check_forward(model, f"growing {target!r}")
+    return MutationRecord(
+        kind="grow",
+        target=target,
+        group=group.name,
+        k=k,
+        method=init if isinstance(init, str) else getattr(init, "__name__", "custom"),
+        width_before=group.width,
+        width_after=group.width + k,
+        indices=list(range(group.width, group.width + k)),
+        modules=group.member_modules(),
+        params_before=params_before,
+        params_after=count_params(model),
+        seconds=time.perf_counter() - start,
+        info=new.info,
+    )
+
+
+def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
+    """An initializer must give exactly one correctly shaped tensor per producer/consumer."""
+    expected = {("fan_in", p): ctx.fan_in_shape(p) for p in ctx.group.producers}
+    expected |= {("fan_out", c): ctx.fan_out_shape(c) for c in ctx.group.consumers}
+    for (kind, name), shape in expected.items():
+        got = getattr(new, kind).get(name)
+        if got is None or tuple(got.shape) != tuple(shape):
+            have = None if got is None else tuple(got.shape)
+            raise DynarchError(
+                f"initializer gave {kind}[{name!r}] of shape {have}, expected {shape}"
+            )
+
+
+def _plan(
+    group: ChannelGroup, modules: dict[str, nn.Module], k: int, new: NewChannels
+) -> tuple[list[TensorEdit], dict[tuple[str, str], torch.Tensor]]:
+    """Index maps and resized tensors for every member tensor of the group."""
+    edits: dict[tuple[str, str], TensorEdit] = {}
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for member in group.members:
+        module = modules[member.module]
+        count = k * member.multiplicity
+        for ct in channel_tensors(module, member.role):
+            key = (member.module, ct.attr)
+            current = tensors.get(key, getattr(module, ct.attr))
+            if member.role == CHANNELWISE:
+                values = neutral_values(module, ct.attr, count)
+            elif member.role == CONSUMER:
+                values = new.fan_out[member.module]
+            elif ct.attr == "weight":
+                values = new.fan_in[member.module]
+            else:  # producer bias: zero, so that zero fan-in means zero output
+                values = current.new_zeros(count)
+            values = values.to(device=current.device, dtype=current.dtype)
+            at = member.stop
+            tensors[key] = torch.cat(
+                [
+                    current.narrow(ct.dim, 0, at),
+                    values,
+                    current.narrow(ct.dim, at, current.shape[ct.dim] - at),
+                ],
+                dim=ct.dim,
+            ).detach()
+            edit = edits.setdefault(key, TensorEdit(member.module, ct.attr))
+            edit.maps.append(
+                (ct.dim, insertion_map(current.shape[ct.dim], at, count, current.device))
+            )
+    return list(edits.values()), tensors

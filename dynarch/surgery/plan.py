@@ -1,0 +1,133 @@
+"""Shared steps of grow and prune: resolve the target, check it, swap tensors, count params."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from dynarch.errors import (
+    InvalidMutationError,
+    UnknownTargetError,
+    UnsupportedOpError,
+    close_matches,
+)
+from dynarch.graph import ChannelGroup, remember_example_inputs, trace_group
+from dynarch.surgery.edits import TensorEdit, remap, remap_optimizer
+from dynarch.surgery.layers import is_weighted, sync_sizes
+
+
+def resolve(
+    model: nn.Module, target: str, example_inputs: Any
+) -> tuple[ChannelGroup, tp.DependencyGraph, dict[str, nn.Module]]:
+    """Trace ``model`` and return the group formed by ``target``'s output channels.
+
+    Raises a one-line :class:`DynarchError` for anything that cannot be mutated consistently.
+    """
+    named = dict(model.named_modules())
+    if target not in named:
+        layers = [n for n, m in named.items() if is_weighted(m)]
+        raise UnknownTargetError(f"no module named {target!r}" + close_matches(target, layers))
+    module = named[target]
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        raise UnknownTargetError(
+            f"{target!r} is a {type(module).__name__}; targets are conv or linear layers"
+        )
+    group, dg = trace_group(model, target, example_inputs)
+    if group.unsupported:
+        raise UnsupportedOpError(f"cannot change the channels of {target!r}: {group.unsupported}")
+    if group.at_output:
+        raise InvalidMutationError(
+            f"{target!r} produces the model's output; its width is fixed by the task"
+        )
+    return group, dg, {name: named[name] for name in group.member_modules()}
+
+
+def check_k(k: Any, what: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise InvalidMutationError(f"{what} must be a positive integer, got {k!r}")
+    return k
+
+
+def check_group_norms(group: ChannelGroup, modules: dict[str, nn.Module], new_width_of) -> None:
+    """GroupNorm needs its channel count divisible by its number of groups."""
+    for m in group.members:
+        module = modules[m.module]
+        if isinstance(module, nn.GroupNorm):
+            width = new_width_of(module.num_channels)
+            if width % module.num_groups:
+                raise InvalidMutationError(
+                    f"{m.module}: GroupNorm with {module.num_groups} groups cannot have "
+                    f"{width} channels"
+                )
+
+
+def check_forward(model: nn.Module, action: str) -> None:
+    """Run the remembered example inputs through ``model`` (eval mode, no side effects).
+
+    A model whose code hard-codes a size (``x.view(-1, 256)``) fails here; the caller's
+    ``all_or_nothing`` then restores it.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(remember_example_inputs(model, None))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedOpError(
+            f"the model's forward fails after {action} ({first_line}); nothing was changed"
+        ) from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def swap_tensors(
+    modules: dict[str, nn.Module],
+    edits: list[TensorEdit],
+    new_tensors: dict[tuple[str, str], torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Install resized tensors, carrying gradients and optimizer state through the index maps."""
+    swaps = []
+    for e in edits:
+        module = modules[e.module]
+        old = getattr(module, e.attr)
+        new = new_tensors[(e.module, e.attr)]
+        if isinstance(old, nn.Parameter):
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
+            if old.grad is not None:
+                param.grad = remap(old.grad, e.maps)
+            setattr(module, e.attr, param)
+            swaps.append((old, param, e.maps))
+        else:
+            setattr(module, e.attr, new)
+    for module in modules.values():
+        sync_sizes(module)
+    if optimizer is not None:
+        remap_optimizer(optimizer, swaps)
+
+
+def optimizer_swaps_after_replacement(
+    modules: dict[str, nn.Module],
+    edits: list[TensorEdit],
+    before: dict[tuple[str, str], torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """After a third party (Torch-Pruning) replaced parameters, carry optimizer state to them."""
+    swaps = []
+    for e in edits:
+        old = before[(e.module, e.attr)]
+        new = getattr(modules[e.module], e.attr)
+        if isinstance(old, nn.Parameter):
+            new.requires_grad_(old.requires_grad)
+            swaps.append((old, new, e.maps))
+    if optimizer is not None:
+        remap_optimizer(optimizer, swaps)

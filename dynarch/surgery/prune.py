@@ -1,0 +1,180 @@
+"""Pruning: remove channels of a group through Torch-Pruning, carrying optimizer state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from dynarch.errors import DynarchError, InvalidMutationError, close_matches
+from dynarch.graph import ChannelGroup
+from dynarch.surgery.edits import TensorEdit, all_or_nothing, removal_map
+from dynarch.surgery.layers import channel_tensors
+from dynarch.surgery.plan import (
+    check_forward,
+    check_group_norms,
+    check_k,
+    count_params,
+    optimizer_swaps_after_replacement,
+    resolve,
+)
+from dynarch.surgery.record import MutationRecord
+
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    "lamp": lambda: tp.importance.LAMPImportance(p=2),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+
+
+def prune(
+    model: nn.Module,
+    target: str,
+    k: int | None = None,
+    idxs: Sequence[int] | None = None,
+    importance: str = "magnitude",
+    optimizer: torch.optim.Optimizer | None = None,
+    example_inputs: Any = None,
+    data: Any = None,
+    loss_fn: Callable | None = None,
+) -> MutationRecord:
+    """Remove channels from ``target``'s group: the given ``idxs``, or the ``k`` least important.
+
+    ``importance`` names a Torch-Pruning importance (magnitude, l1, taylor, bn_scale, lamp,
+    random); ``taylor`` needs ``data=(x, y)`` and ``loss_fn`` to compute gradients. The
+    optimizer's state is sliced to the kept entries. On any error nothing is changed.
+    """
+    start = time.perf_counter()
+    if (k is None) == (idxs is None):
+        raise InvalidMutationError("give exactly one of k (how many) or idxs (which channels)")
+    if importance not in IMPORTANCES:
+        raise DynarchError(
+            f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}"
+            + close_matches(importance, IMPORTANCES)
+        )
+    group, dg, modules = resolve(model, target, example_inputs)
+    if idxs is not None:
+        chosen = _check_idxs(idxs, group)
+    else:
+        chosen = None
+        k = check_k(k)
+    n_remove = len(chosen) if chosen is not None else k
+    if n_remove >= group.width:
+        raise InvalidMutationError(
+            f"pruning {n_remove} of {group.width} channels would leave group {group.name!r} empty"
+        )
+    check_group_norms(group, modules, lambda width: width - n_remove)
+    if chosen is None:
+        chosen = _least_important(model, dg, target, k, importance, data, loss_fn)
+    params_before = count_params(model)
+
+    remove = torch.tensor(chosen, dtype=torch.long)
+    edits = _edits(group, modules, remove)
+    before = {(e.module, e.attr): getattr(modules[e.module], e.attr) for e in edits}
+    module = model.get_submodule(target)
+    with all_or_nothing(list(modules.values()), optimizer):
+        dg.get_pruning_group(
+            module, dg.get_pruner_of_module(module).prune_out_channels, chosen
+        ).prune(record_history=False)
+        _check_shapes(modules, edits, before)
+        optimizer_swaps_after_replacement(modules, edits, before, optimizer)
+        check_forward(model, f"pruning {target!r}")
+    return MutationRecord(
+        kind="prune",
+        target=target,
+        group=group.name,
+        k=len(chosen),
+        method=importance,
+        width_before=group.width,
+        width_after=group.width - len(chosen),
+        indices=chosen,
+        modules=group.member_modules(),
+        params_before=params_before,
+        params_after=count_params(model),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _check_idxs(idxs: Sequence[int], group: ChannelGroup) -> list[int]:
+    chosen = sorted(int(i) for i in idxs)
+    if not chosen:
+        raise InvalidMutationError("idxs is empty: nothing to prune")
+    if len(set(chosen)) != len(chosen):
+        raise InvalidMutationError(f"idxs has repeated channels: {list(idxs)}")
+    if chosen[0] < 0 or chosen[-1] >= group.width:
+        raise InvalidMutationError(
+            f"idxs must be in 0..{group.width - 1} for group {group.name!r}, got {list(idxs)}"
+        )
+    return chosen
+
+
+def _least_important(
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    target: str,
+    k: int,
+    importance: str,
+    data: Any,
+    loss_fn: Callable | None,
+) -> list[int]:
+    """The k channels with the lowest Torch-Pruning importance score in the whole group."""
+    module = model.get_submodule(target)
+    width = dg.get_out_channels(module)
+    tp_group = dg.get_pruning_group(
+        module, dg.get_pruner_of_module(module).prune_out_channels, list(range(width))
+    )
+    if importance == "taylor":
+        if data is None or loss_fn is None:
+            raise InvalidMutationError("importance 'taylor' needs data=(x, y) and loss_fn")
+        grads = {p: p.grad for p in model.parameters()}
+        try:
+            model.zero_grad(set_to_none=True)
+            x, y = data
+            loss_fn(model(x), y).backward()
+            scores = IMPORTANCES[importance]()(tp_group)
+        finally:
+            for p, g in grads.items():
+                p.grad = g
+    else:
+        scores = IMPORTANCES[importance]()(tp_group)
+    if scores is None:
+        raise InvalidMutationError(f"importance {importance!r} has nothing to score in {target!r}")
+    return sorted(torch.argsort(scores, stable=True)[:k].tolist())
+
+
+def _edits(
+    group: ChannelGroup, modules: dict[str, nn.Module], remove: torch.Tensor
+) -> list[TensorEdit]:
+    """Index maps of every member tensor: each removed channel takes its whole block."""
+    edits: dict[tuple[str, str], TensorEdit] = {}
+    for member in group.members:
+        module = modules[member.module]
+        mult = member.multiplicity
+        positions = (member.start + remove[:, None] * mult + torch.arange(mult)).flatten()
+        for ct in channel_tensors(module, member.role):
+            tensor = getattr(module, ct.attr)
+            src = removal_map(tensor.shape[ct.dim], positions.to(tensor.device))
+            edits.setdefault(
+                (member.module, ct.attr), TensorEdit(member.module, ct.attr)
+            ).maps.append((ct.dim, src))
+    return list(edits.values())
+
+
+def _check_shapes(modules, edits, before) -> None:
+    """Torch-Pruning must have resized exactly as our index maps predict."""
+    for e in edits:
+        expected = list(before[(e.module, e.attr)].shape)
+        for dim, src in e.maps:
+            expected[dim] = src.numel()
+        got = list(getattr(modules[e.module], e.attr).shape)
+        if got != expected:
+            raise DynarchError(
+                f"internal: {e.module}.{e.attr} became {got} after pruning, expected {expected}"
+            )

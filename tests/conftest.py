@@ -1,0 +1,78 @@
+"""Shared builders: the architectures the engine must handle, with non-trivial BN statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from dynarch.models import resnet_small, vgg_small
+
+
+class ConvFlattenLinear(nn.Module):
+    """conv -> relu -> flatten -> linear -> relu -> linear, with no BatchNorm at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(5 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class ShuffleNetLike(nn.Module):
+    """A channel shuffle between two convs: coupled channels are permuted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(self.shuffle(self.conv1(x))))).mean((2, 3))
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorms non-trivial affine params and running stats, so eval outputs depend on them."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model
+
+
+# name -> (builder, input shape); all small enough to run on a CPU in seconds.
+ARCHS = {
+    "vgg_small": (lambda: vgg_small(num_classes=10, in_channels=3, width=8, image_size=16),
+                  (2, 3, 16, 16)),
+    "resnet_small": (lambda: resnet_small(num_classes=10, in_channels=3, width=8), (2, 3, 16, 16)),
+    "conv_flatten_linear": (ConvFlattenLinear, (2, 3, 8, 8)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 32, 32)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32)),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32)),
+}
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A model in eval mode with randomised norms, and a fixed input batch for it."""
+    torch.manual_seed(seed)
+    builder, shape = ARCHS[name]
+    model = randomize_norms(builder(), seed).eval()
+    return model, torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1))
+
+
+@pytest.fixture
+def vgg():
+    return build("vgg_small")
