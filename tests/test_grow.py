@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from archs import build
 
 import dynarch
-from conftest import build
 
-SMALL = ["vgg_small", "resnet_small", "conv_flatten_linear", "resnet18", "resnet50", "mobilenet_v2"]
+SMALL = [
+    "vgg_small",
+    "resnet_small",
+    "conv_flatten_linear",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v2_narrow",
+]
 
 
 def _grow_every_target(name: str, inits: list[str], k: int = 2) -> None:
@@ -20,11 +28,10 @@ def _grow_every_target(name: str, inits: list[str], k: int = 2) -> None:
     targets = graph.targets()
     assert targets
     for i, target in enumerate(targets):
-        weight = lambda: model.get_submodule(target).weight  # noqa: E731 (replaced by growth)
-        width = weight().shape[0]
+        width = model.get_submodule(target).weight.shape[0]
         record = dynarch.grow(model, target, k, init=inits[i % len(inits)])
         assert (record.width_before, record.width_after) == (width, width + k)
-        assert weight().shape[0] == width + k
+        assert model.get_submodule(target).weight.shape[0] == width + k
         with torch.no_grad():
             after = model(x)
         diff = (after - before).abs().max().item()

@@ -12,7 +12,7 @@ from torch import nn
 from dynarch.errors import DynarchError
 from dynarch.graph import ChannelGroup
 from dynarch.initializers import GrowthContext, NewChannels, get_initializer
-from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map
+from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map, remap
 from dynarch.surgery.layers import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
 from dynarch.surgery.plan import (
     check_forward,
@@ -109,6 +109,10 @@ def _plan(
                 values = new.fan_in[member.module]
             else:  # producer bias: zero, so that zero fan-in means zero output
                 values = current.new_zeros(count)
+            edit = edits.setdefault(key, TensorEdit(member.module, ct.attr))
+            # A module both producing and consuming the group (x + conv(x)) has already grown
+            # along its other dimension: bring the new values to that size (zeros).
+            values = remap(values, [(d, src) for d, src in edit.maps if d != ct.dim])
             values = values.to(device=current.device, dtype=current.dtype)
             at = member.stop
             tensors[key] = torch.cat(
@@ -119,7 +123,6 @@ def _plan(
                 ],
                 dim=ct.dim,
             ).detach()
-            edit = edits.setdefault(key, TensorEdit(member.module, ct.attr))
             edit.maps.append(
                 (ct.dim, insertion_map(current.shape[ct.dim], at, count, current.device))
             )

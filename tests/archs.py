@@ -1,8 +1,7 @@
-"""Shared builders: the architectures the engine must handle, with non-trivial BN statistics."""
+"""Test architectures the engine must handle, built with non-trivial BatchNorm statistics."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torchvision
 from torch import nn
@@ -40,7 +39,7 @@ class ShuffleNetLike(nn.Module):
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorms non-trivial affine params and running stats, so eval outputs depend on them."""
+    """Non-trivial BatchNorm affine params and running stats: eval outputs depend on them."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -54,13 +53,21 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 # name -> (builder, input shape); all small enough to run on a CPU in seconds.
 ARCHS = {
-    "vgg_small": (lambda: vgg_small(num_classes=10, in_channels=3, width=8, image_size=16),
-                  (2, 3, 16, 16)),
+    "vgg_small": (
+        lambda: vgg_small(num_classes=10, in_channels=3, width=8, image_size=16),
+        (2, 3, 16, 16),
+    ),
     "resnet_small": (lambda: resnet_small(num_classes=10, in_channels=3, width=8), (2, 3, 16, 16)),
     "conv_flatten_linear": (ConvFlattenLinear, (2, 3, 8, 8)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 32, 32)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32)),
+    # at width 0.25 the first inverted-residual block adds its input to its own projection,
+    # so one conv both produces and consumes the same channel group
+    "mobilenet_v2_narrow": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25),
+        (2, 3, 32, 32),
+    ),
     "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32)),
 }
 
@@ -71,8 +78,3 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     builder, shape = ARCHS[name]
     model = randomize_norms(builder(), seed).eval()
     return model, torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1))
-
-
-@pytest.fixture
-def vgg():
-    return build("vgg_small")

@@ -1,0 +1,121 @@
+"""ArchGraph: nodes and edges of the traced model, and exactly the coupled channel groups."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from archs import ShuffleNetLike, build
+
+import dynarch
+
+
+def _members(group, role=None):
+    return {
+        (m.module, m.start, m.stop, m.multiplicity)
+        for m in group.members
+        if role is None or m.role == role
+    }
+
+
+def test_vgg_nodes_edges_and_targets() -> None:
+    model, x = build("vgg_small")
+    graph = dynarch.ArchGraph.from_module(model, x)
+    g = graph.nx
+    conv1 = g.nodes["features.conv1"]
+    assert conv1["op"] == "Conv2d" and conv1["kernel"] == "3x3" and conv1["stride"] == "1x1"
+    assert (conv1["in_channels"], conv1["out_channels"], conv1["params"]) == (3, 8, 8 * 3 * 9)
+    assert g.nodes["features.bn1"]["out_channels"] == 8
+    assert g.has_edge("features.conv1", "features.bn1")
+    assert nx.is_directed_acyclic_graph(g)
+    assert graph.targets() == [
+        "features.conv1",
+        "features.conv2",
+        "features.conv3",
+        "features.conv4",
+        "classifier.fc1",
+    ]
+    assert graph.group_of("features.conv4").width == 16
+    # conv4 -> bn4 -> relu -> pool -> flatten -> fc1: 16 features (4x4) per channel
+    assert _members(graph.group_of("features.conv4"), "consumer") == {
+        ("classifier.fc1", 0, 256, 16)
+    }
+    assert g.nodes["features.conv4"]["group"] == "features.conv4"
+    assert graph.widths()["classifier.fc1"] == 32
+
+
+def test_resnet18_residual_group() -> None:
+    model, x = build("resnet18")
+    graph = dynarch.ArchGraph.from_module(model, x)
+    group = graph.group_of("layer1.0.conv2")
+    assert group.name == "conv1" and group.width == 64
+    assert set(group.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    assert set(group.consumers) == {
+        "layer1.0.conv1",
+        "layer1.1.conv1",
+        "layer2.0.conv1",
+        "layer2.0.downsample.0",
+    }
+    assert {"bn1", "layer1.0.bn2", "layer1.1.bn2"} <= set(group.member_modules())
+    assert graph.group_of("layer2.0.downsample.0") is graph.group_of("layer2.0.conv2")
+    assert "fc" not in graph.targets()
+
+
+def test_densenet_concat_offsets() -> None:
+    model, x = build("densenet121")
+    graph = dynarch.ArchGraph.from_module(model, x)
+    layer1 = graph.group_of("features.denseblock1.denselayer1.conv2")
+    assert layer1.width == 32
+    # denselayer1's 32 channels follow the 64 stem channels in every later concatenation
+    assert ("features.denseblock1.denselayer2.norm1", 64, 96, 1) in _members(layer1)
+    assert ("features.denseblock1.denselayer2.conv1", 64, 96, 1) in _members(layer1, "consumer")
+    assert ("features.transition1.conv", 64, 96, 1) in _members(layer1, "consumer")
+    stem = graph.group_of("features.conv0")
+    assert ("features.denseblock1.denselayer6.norm1", 0, 64, 1) in _members(stem)
+    assert "cat_0" in graph.nx
+
+
+def test_mobilenet_depthwise_is_channelwise_member() -> None:
+    model, x = build("mobilenet_v2")
+    graph = dynarch.ArchGraph.from_module(model, x)
+    group = graph.group_of("features.2.conv.0.0")
+    roles = {m.module: m.role for m in group.members}
+    assert roles["features.2.conv.1.0"] == "channelwise"  # depthwise 3x3
+    assert roles["features.2.conv.2"] == "consumer"
+    assert "features.2.conv.1.0" not in graph.targets()
+
+
+def test_channel_shuffle_group_is_marked_unsupported() -> None:
+    model = ShuffleNetLike()
+    graph = dynarch.ArchGraph.from_module(model, torch.randn(1, 3, 8, 8))
+    assert "channelshuffle" in graph.group_of("conv1").unsupported
+    assert graph.targets() == ["conv2"]
+
+
+def _same_graph(a: nx.DiGraph, b: nx.DiGraph) -> None:
+    assert set(a.nodes) == set(b.nodes) and set(a.edges) == set(b.edges)
+    for n in a.nodes:
+        assert a.nodes[n] == b.nodes[n], n
+
+
+def test_exports_read_back_equal(tmp_path) -> None:
+    model, x = build("resnet_small")
+    graph = dynarch.ArchGraph.from_module(model, x)
+    graph.write_graphml(str(tmp_path / "g.graphml"))
+    _same_graph(graph.nx, nx.read_graphml(tmp_path / "g.graphml"))
+    import json
+
+    data = json.loads(graph.to_json())
+    _same_graph(graph.nx, nx.node_link_graph(data, edges="edges"))
+    assert {g["name"] for g in data["graph"]["groups"]} == {g.name for g in graph.groups}
+
+
+def test_graph_follows_mutations() -> None:
+    model, x = build("resnet_small")
+    dynarch.grow(model, "layer2.0.conv1", 5, example_inputs=x)
+    dynarch.prune(model, "layer3.0.conv2", k=3)
+    graph = dynarch.ArchGraph.from_module(model)
+    assert graph.nx.nodes["layer2.0.conv1"]["out_channels"] == 21
+    assert graph.nx.nodes["layer2.0.bn1"]["out_channels"] == 21
+    assert graph.nx.nodes["layer2.0.conv2"]["in_channels"] == 21
+    assert graph.group_of("layer3.0.shortcut.conv").width == 29
+    assert graph.nx.nodes["fc"]["in_channels"] == 29

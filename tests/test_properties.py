@@ -1,0 +1,81 @@
+"""Random sequences of grow/prune mutations: the model always runs, the graph always matches it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from archs import randomize_norms
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import dynarch
+from dynarch.models import resnet_small, vgg_small
+
+ARCHS = {
+    "vgg_small": lambda: vgg_small(num_classes=10, in_channels=3, width=6, image_size=8),
+    "resnet_small": lambda: resnet_small(num_classes=10, in_channels=3, width=6),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25),
+}
+MUTATIONS = st.lists(
+    st.tuples(st.sampled_from(["grow", "prune"]), st.integers(0, 10_000), st.integers(1, 3)),
+    min_size=20,
+    max_size=20,
+)
+
+
+def assert_graph_matches_modules(model) -> None:
+    """Every group's width equals the real tensor shapes of every member."""
+    graph = dynarch.ArchGraph.from_module(model)
+    for group in graph.groups:
+        for m in group.members:
+            module = model.get_submodule(m.module)
+            assert m.stop - m.start == group.width * m.multiplicity, (group.name, m)
+            if m.role == "producer":
+                assert module.weight.shape[0] == group.width, (group.name, m)
+            elif m.role == "consumer":
+                assert module.weight.shape[1] >= m.stop, (group.name, m)
+            else:
+                size = next(
+                    t.shape[0]
+                    for t in (module.weight, getattr(module, "running_mean", None))
+                    if t is not None
+                )
+                assert size >= m.stop, (group.name, m)
+    for name, attrs in graph.nx.nodes(data=True):
+        if attrs.get("kind") == "module" and attrs["op"] in ("Conv2d", "Linear"):
+            assert attrs["out_channels"] == model.get_submodule(name).weight.shape[0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+# Derandomized so CI is reproducible; no shrinking, so a failure is reported in seconds.
+@settings(
+    max_examples=4,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.generate],
+)
+@given(mutations=MUTATIONS)
+def test_random_mutation_sequences(arch: str, mutations) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(ARCHS[arch]())
+    x = torch.randn(4, 3, 32 if arch == "mobilenet_v2" else 8, 8 if arch != "mobilenet_v2" else 32)
+    y = torch.arange(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    targets = dynarch.ArchGraph.from_module(model, x).targets()
+    for kind, pick, k in mutations:
+        target = targets[pick % len(targets)]
+        if kind == "grow":
+            dynarch.grow(model, target, k, init="zeros", optimizer=opt)
+        else:
+            width = model.get_submodule(target).weight.shape[0]
+            if width - k < 1:
+                continue
+            dynarch.prune(model, target, k=k, optimizer=opt)
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert_graph_matches_modules(model)

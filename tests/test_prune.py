@@ -1,0 +1,118 @@
+"""Pruning equals zeroing the pruned channels' contributions, built by hand in each test."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import build
+
+import dynarch
+
+
+def _zero_inputs(model, consumers: list[str], channels: list[int], block: int = 1) -> None:
+    """Reference: the same model where the given consumers no longer read those channels."""
+    with torch.no_grad():
+        for name in consumers:
+            w = model.get_submodule(name).weight
+            for c in channels:
+                w[:, c * block : (c + 1) * block] = 0
+
+
+@pytest.mark.parametrize(
+    ("target", "idxs", "consumers", "block"),
+    [
+        ("features.conv2", [1, 5], ["features.conv3"], 1),
+        ("features.conv4", [0, 7, 9], ["classifier.fc1"], 16),  # 16 = 4x4 after flatten
+        ("classifier.fc1", [3, 4, 30], ["classifier.fc2"], 1),
+    ],
+)
+def test_prune_vgg_equals_zeroed_contributions(target, idxs, consumers, block) -> None:
+    model, x = build("vgg_small")
+    reference = copy.deepcopy(model)
+    _zero_inputs(reference, consumers, idxs, block)
+    record = dynarch.prune(model, target, idxs=idxs, example_inputs=x)
+    assert record.indices == sorted(idxs)
+    assert record.width_after == record.width_before - len(idxs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("arch", "target", "idxs", "consumers"),
+    [
+        # inner conv of a block: only the block's second conv reads it
+        ("resnet_small", "layer2.0.conv1", [0, 9, 15], ["layer2.0.conv2"]),
+        # the residual stream: every conv that reads the stream, across skip connections
+        (
+            "resnet_small",
+            "stem.conv",
+            [2, 3],
+            ["layer1.0.conv1", "layer2.0.conv1", "layer2.0.shortcut.conv"],
+        ),
+        (
+            "resnet18",
+            "layer1.1.conv2",
+            [0, 10, 63],
+            ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"],
+        ),
+    ],
+)
+def test_prune_resnet_equals_zeroed_contributions(arch, target, idxs, consumers) -> None:
+    model, x = build(arch)
+    reference = copy.deepcopy(model)
+    _zero_inputs(reference, consumers, idxs)
+    dynarch.prune(model, target, idxs=idxs, example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_prune_resnet_stream_shrinks_every_member() -> None:
+    model, x = build("resnet18")
+    dynarch.prune(model, "conv1", k=4, example_inputs=x)
+    for name in ["conv1", "layer1.0.conv2", "layer1.1.conv2"]:
+        assert model.get_submodule(name).out_channels == 60
+    for name in ["bn1", "layer1.0.bn2", "layer1.1.bn2"]:
+        assert model.get_submodule(name).num_features == 60
+    for name in ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]:
+        assert model.get_submodule(name).in_channels == 60
+
+
+def test_magnitude_importance_removes_the_weakest_channel() -> None:
+    model, x = build("vgg_small")
+    with torch.no_grad():  # channel 3 is tiny everywhere in its group
+        model.features.conv2.weight[3] *= 1e-3
+        model.features.bn2.weight[3] *= 1e-3
+        model.features.conv3.weight[:, 3] *= 1e-3
+    record = dynarch.prune(model, "features.conv2", k=1, importance="magnitude", example_inputs=x)
+    assert record.indices == [3]
+    assert record.method == "magnitude"
+
+
+def test_taylor_importance_uses_data_and_keeps_gradients() -> None:
+    model, x = build("vgg_small")
+    y = torch.arange(x.shape[0]) % 10
+    loss_fn = torch.nn.CrossEntropyLoss()
+    assert all(p.grad is None for p in model.parameters())
+    record = dynarch.prune(
+        model,
+        "features.conv1",
+        k=2,
+        importance="taylor",
+        data=(x, y),
+        loss_fn=loss_fn,
+        example_inputs=x,
+    )
+    assert len(record.indices) == 2
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+
+
+def test_prune_then_grow_back_keeps_shapes_consistent() -> None:
+    model, x = build("mobilenet_v2")
+    dynarch.prune(model, "features.2.conv.0.0", k=16, example_inputs=x)
+    dw = model.features[2].conv[1][0]
+    assert dw.in_channels == dw.out_channels == dw.groups == 80
+    dynarch.grow(model, "features.2.conv.0.0", 16)
+    assert dw.in_channels == dw.out_channels == dw.groups == 96
+    model(x).sum().backward()
