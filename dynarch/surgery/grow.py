@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
+from dynarch.gradmax import fan_in_gradient_norm
 from dynarch.graph import ChannelGroup
 from dynarch.initializers import GrowthContext, NewChannels, get_initializer
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map, remap
@@ -54,6 +55,8 @@ def grow(
     ctx = GrowthContext(model, group, k, modules, data, loss_fn, dict(init_options))
     new = initializer(ctx)
     _check_new_channels(ctx, new)
+    if data is not None and loss_fn is not None and "fan_in_grad_norm" not in new.info:
+        new.info["fan_in_grad_norm"] = fan_in_gradient_norm(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
     with all_or_nothing(list(modules.values()), optimizer):

@@ -1,0 +1,326 @@
+"""GradMax (Evci et al., ICLR 2022): fan-out of new neurons that maximises their fan-in gradient.
+
+For a new channel with zero fan-in ``w_in`` and fan-out ``w_out``, treating the path from the
+producer's pre-activation to the consumer's input as linear (activation derivative 1 at 0,
+BatchNorm as identity, pooling as averaging), the gradient of the loss w.r.t. ``w_in`` is
+
+    dL/dw_in = M^T w_out,   M = sum_b  dL/dz_consumer[b]  (x)  patches of the producer input[b]
+
+with rows of M indexed like the consumer's fan-out entries and columns like the producer's
+fan-in entries. The k fan-outs of fixed norm that maximise ||dL/dW_in||_F are the top-k left
+singular vectors of M. We build M exactly from unfolded patches (no composite-kernel border
+approximation) on the model's device, and take singular vectors from the Gram matrix of the
+smaller side with ``torch.linalg.eigh``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynarch.errors import DynarchError
+from dynarch.initializers import GrowthContext, NewChannels, register_initializer
+
+
+class GradMaxUnsupported(DynarchError):
+    """The group's shape is outside what GradMax statistics handle (one producer, conv/linear)."""
+
+
+@dataclass
+class GradientStats:
+    """M per consumer (rows = that consumer's fan-out entries), stacked over consumers."""
+
+    matrix: torch.Tensor
+    row_blocks: dict[str, tuple[int, int]]
+    samples: int
+
+
+def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` or an iterable of ``(x, y)`` batches, capped at ``max_samples`` samples."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = [data]
+    seen = 0
+    for x, y in data:
+        if seen >= max_samples:
+            return
+        take = min(len(x), max_samples - seen)
+        seen += take
+        yield x[:take], y[:take]
+
+
+def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats:
+    """Accumulate M over ``ctx.data`` (one forward/backward per batch; model left unchanged)."""
+    if ctx.data is None or ctx.loss_fn is None:
+        raise DynarchError("init 'gradmax' needs data=(x, y) (or batches) and loss_fn")
+    producers = ctx.group.producers
+    if len(producers) != 1:
+        raise GradMaxUnsupported(
+            f"group {ctx.group.name!r} has {len(producers)} producers (a residual stream)"
+        )
+    producer = ctx.modules[producers[0]]
+    consumers = {c: ctx.modules[c] for c in ctx.group.consumers}
+    multiplicity = {m.module: m.multiplicity for m in ctx.group.members if m.role == "consumer"}
+    start = {m.module: m.start for m in ctx.group.members if m.role == "consumer"}
+
+    captured: dict[str, Any] = {}
+    hooks = [producer.register_forward_hook(_capture(captured, "producer"))]
+    hooks += [c.register_forward_hook(_capture(captured, name)) for name, c in consumers.items()]
+    buffers = {n: b.clone() for n, b in ctx.model.named_buffers()}  # BN running stats
+    blocks: dict[str, torch.Tensor] = {}
+    samples = 0
+    device = producer.weight.device
+    try:
+        for x, y in batches(ctx.data, max_samples):
+            x, y = x.to(device), y.to(device)
+            captured.clear()
+            with torch.enable_grad():
+                loss = ctx.loss_fn(ctx.model(x), y)
+                outs = [captured[name][1] for name in consumers]
+                deltas = torch.autograd.grad(loss, outs, allow_unused=True)
+            p_in, p_out = captured["producer"]
+            for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
+                if delta is None:
+                    continue
+                part = _consumer_block(
+                    producer,
+                    p_in,
+                    p_out.shape,
+                    consumer,
+                    captured[name][0].shape,
+                    delta.detach(),
+                    multiplicity[name],
+                    start[name],
+                )
+                blocks[name] = blocks.get(name, 0) + part * len(x)  # weight batches by size
+            samples += len(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, b in ctx.model.named_buffers():
+                b.copy_(buffers[n])
+    if samples == 0:
+        raise DynarchError("init 'gradmax' got no data samples")
+    rows, row_blocks, offset = [], {}, 0
+    for name in consumers:
+        block = blocks.get(name)
+        if block is None:
+            block = torch.zeros(
+                _fan_out_size(consumers[name], multiplicity[name]),
+                _fan_in_size(producer),
+                device=device,
+            )
+        rows.append(block / samples)
+        row_blocks[name] = (offset, offset + block.shape[0])
+        offset += block.shape[0]
+    return GradientStats(torch.cat(rows), row_blocks, samples)
+
+
+def _capture(store: dict[str, Any], key: str):
+    """Keep (input, output) of a module; hand on a copy so in-place ops after it (ReLU(inplace))
+    cannot overwrite the captured pre-activation."""
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        store[key] = (inputs[0].detach().clone(), output)
+        return output.clone()
+
+    return hook
+
+
+def _fan_in_size(producer: nn.Module) -> int:
+    return producer.weight[0].numel()
+
+
+def _fan_out_size(consumer: nn.Module, multiplicity: int) -> int:
+    w = consumer.weight
+    return w.shape[0] * multiplicity * (w[0, 0].numel() if w.dim() > 2 else 1)
+
+
+def _producer_patches(producer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, fan_in, *spatial of the producer output): what each fan-in entry multiplies."""
+    if isinstance(producer, nn.Linear):
+        return x.reshape(x.shape[0], -1)
+    if not isinstance(producer, nn.Conv2d) or producer.groups != 1:
+        raise GradMaxUnsupported(
+            f"GradMax needs a Linear or ungrouped Conv2d producer, got {type(producer).__name__}"
+        )
+    if isinstance(producer.padding, str) or producer.padding_mode != "zeros":
+        raise GradMaxUnsupported("GradMax needs a conv with numeric zero padding")
+    cols = F.unfold(x, producer.kernel_size, producer.dilation, producer.padding, producer.stride)
+    return cols
+
+
+def _consumer_block(
+    producer: nn.Module,
+    p_in: torch.Tensor,
+    p_out_shape: torch.Size,
+    consumer: nn.Module,
+    c_in_shape: torch.Size,
+    delta: torch.Tensor,
+    multiplicity: int,
+    start: int,
+) -> torch.Tensor:
+    """Sum over the batch of dL/dz_consumer (x) producer patches, routed along the path.
+
+    With a batch-averaged loss this is exactly the gradient of the new fan-in.
+
+    The spatial path producer-output -> consumer-input (identity, pooling, flatten) is taken
+    as adaptive average pooling from the producer's to the consumer's spatial size.
+    """
+    cols = _producer_patches(producer, p_in)  # (B, F) or (B, F, L)
+    batch, fan_in = cols.shape[0], cols.shape[1]
+    if cols.dim() == 2:  # linear producer
+        if not isinstance(consumer, nn.Linear) or multiplicity != 1:
+            raise GradMaxUnsupported("a linear producer must feed linear consumers directly")
+        return delta.reshape(batch, -1).T @ cols
+    h, w = p_out_shape[-2:]
+    image = cols.reshape(batch, fan_in, h, w)
+    if isinstance(consumer, nn.Linear):  # conv -> (pool) -> flatten -> linear
+        ph, pw = _pooled_size(h, w, multiplicity)
+        pooled = F.adaptive_avg_pool2d(image, (ph, pw)).reshape(batch, fan_in, ph * pw)
+        return torch.einsum("bo,bfs->osf", delta, pooled).reshape(-1, fan_in)
+    if not isinstance(consumer, nn.Conv2d) or consumer.groups != 1:
+        raise GradMaxUnsupported(
+            f"GradMax needs Linear or ungrouped Conv2d consumers, got {type(consumer).__name__}"
+        )
+    pooled = F.adaptive_avg_pool2d(image, c_in_shape[-2:])
+    out_c, taps = consumer.weight.shape[0], consumer.weight[0, 0].numel()
+    result = delta.new_zeros(out_c * taps, fan_in)
+    # chunk the batch: unfolded patches of patches are fan_in * taps * L per sample
+    per_sample = fan_in * taps * delta[0, 0].numel()
+    chunk = max(1, int(2**25 // max(per_sample, 1)))
+    for i in range(0, batch, chunk):
+        sub = pooled[i : i + chunk]
+        n = sub.shape[0]
+        patches = F.unfold(
+            sub.reshape(n * fan_in, 1, *sub.shape[-2:]),
+            consumer.kernel_size,
+            consumer.dilation,
+            consumer.padding,
+            consumer.stride,
+        )
+        patches = patches.reshape(n, fan_in, taps, -1)  # (n, F, taps, L2)
+        d = delta[i : i + chunk].reshape(n, out_c, -1)  # (n, O, L2)
+        result += torch.einsum("bol,bful->ouf", d, patches).reshape(out_c * taps, fan_in)
+    return result
+
+
+def _pooled_size(h: int, w: int, multiplicity: int) -> tuple[int, int]:
+    """Spatial size that a (h, w) map is pooled to before a flatten of ``multiplicity`` entries."""
+    factor = math.sqrt(h * w / multiplicity)
+    ph, pw = round(h / factor), round(w / factor)
+    if ph * pw != multiplicity:
+        raise GradMaxUnsupported(f"cannot map a {h}x{w} map onto {multiplicity} flat features")
+    return ph, pw
+
+
+def top_singular_vectors(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors (columns) and singular values of ``m``, exact, via eigh."""
+    work = m.double()
+    if work.shape[0] <= work.shape[1]:
+        evals, evecs = torch.linalg.eigh(work @ work.T)
+        order = evals.argsort(descending=True)[:k]
+        u = evecs[:, order]
+        s = evals[order].clamp_min(0).sqrt()
+    else:
+        evals, evecs = torch.linalg.eigh(work.T @ work)
+        order = evals.argsort(descending=True)[:k]
+        s = evals[order].clamp_min(0).sqrt()
+        u = (work @ evecs[:, order]) / s.clamp_min(1e-300)
+    return u.to(m.dtype), s.to(m.dtype)
+
+
+def orthogonal_fill(u: torch.Tensor, count: int, generator: torch.Generator | None = None):
+    """``count`` random unit columns orthogonal to ``u``'s columns and to each other."""
+    rand = torch.randn(u.shape[0], count, device=u.device, dtype=u.dtype, generator=generator)
+    if u.shape[1]:
+        rand = rand - u @ (u.T @ rand)
+    q, _ = torch.linalg.qr(rand)
+    return q[:, :count]
+
+
+def existing_fan_out_norm(ctx: GrowthContext) -> float:
+    """Mean norm of the existing channels' fan-out vectors (all consumers concatenated)."""
+    total = None
+    for member in ctx.group.members:
+        if member.role != "consumer":
+            continue
+        w = ctx.modules[member.module].weight.detach()
+        block = w.narrow(1, member.start, member.stop - member.start)
+        per_channel = block.reshape(w.shape[0], ctx.group.width, member.multiplicity, -1)
+        sq = per_channel.pow(2).sum(dim=(0, 2, 3))
+        total = sq if total is None else total + sq
+    return float(total.sqrt().mean()) if total is not None else 1.0
+
+
+def fan_out_from_columns(ctx: GrowthContext, stats: GradientStats, cols: torch.Tensor):
+    """Split stacked fan-out columns (rows like M) into each consumer's new weight slice."""
+    fan_out = {}
+    for name, (a, b) in stats.row_blocks.items():
+        shape = ctx.fan_out_shape(name)  # (out, k*mult, *kernel)
+        w = ctx.modules[name].weight
+        mult = shape[1] // ctx.k
+        block = cols[a:b].reshape(w.shape[0], mult, *w.shape[2:], ctx.k)
+        block = block.movedim(-1, 1)  # (out, k, mult, *kernel)
+        fan_out[name] = block.reshape(shape).to(w.dtype)
+    return fan_out
+
+
+@register_initializer("gradmax")
+def gradmax_init(ctx: GrowthContext) -> NewChannels:
+    """Fan-out = top-k left singular vectors of M, each scaled to ``scale`` x the mean existing
+    fan-out norm (or ``norm``); fan-in = ``epsilon`` x the mean fan-in norm along the new
+    gradient's descent direction, so new units sit just off zero and ReLUs pass gradient."""
+    opts = ctx.options
+    stats = gradient_matrix(ctx, int(opts.get("max_samples", 512)))
+    m = stats.matrix
+    target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
+    u, s = top_singular_vectors(m, ctx.k)
+    info: dict[str, Any] = {"samples": stats.samples}
+    tol = float(s[0]) * max(m.shape) * torch.finfo(m.dtype).eps if len(s) else 0.0
+    rank = int((s > tol).sum()) if float(m.abs().max()) > 0 else 0
+    if rank < ctx.k:
+        info["random_fill"] = ctx.k - rank
+        info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
+        u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], ctx.k - rank)], dim=1)
+    cols = u * target_norm
+    new = fan_in_from_gradient(ctx, m, cols, float(opts.get("epsilon", 1e-6)))
+    info["fan_in_grad_norm"] = float((cols.T @ m).norm())
+    info["singular_values"] = [float(v) for v in s[: ctx.k]]
+    return NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)
+
+
+def fan_in_from_gradient(ctx: GrowthContext, m: torch.Tensor, cols: torch.Tensor, epsilon: float):
+    """Tiny fan-in along minus the new fan-in gradient (one SGD-like step of relative size eps)."""
+    producer = ctx.group.producers[0]
+    w = ctx.modules[producer].weight.detach()
+    grad = cols.T @ m  # (k, fan_in): dL/dw_in for each new unit
+    norms = grad.norm(dim=1, keepdim=True)
+    direction = torch.where(norms > 0, -grad / norms.clamp_min(1e-30), torch.zeros_like(grad))
+    scale = epsilon * float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
+    return {producer: (direction * scale).reshape(ctx.fan_in_shape(producer)).to(w.dtype)}
+
+
+def fan_in_gradient_norm(ctx: GrowthContext, new: NewChannels) -> float | None:
+    """||dL/dW_in|| of the new channels for any initializer's fan-out (None where the group is
+    outside GradMax's statistics), so the history can compare initializers."""
+    try:
+        stats = gradient_matrix(ctx, int(ctx.options.get("max_samples", 512)))
+    except GradMaxUnsupported:
+        return None
+    cols = torch.cat([_columns(ctx, name, new.fan_out[name]) for name in stats.row_blocks])
+    return float((cols.T @ stats.matrix).norm())
+
+
+def _columns(ctx: GrowthContext, name: str, fan_out: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fan_out_from_columns` for one consumer: (rows like M, k)."""
+    w = ctx.modules[name].weight
+    mult = fan_out.shape[1] // ctx.k
+    block = fan_out.reshape(w.shape[0], ctx.k, mult, *w.shape[2:]).movedim(1, -1)
+    return block.reshape(-1, ctx.k)
