@@ -290,7 +290,7 @@ def gradmax_init(ctx: GrowthContext) -> NewChannels:
         info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
         u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], ctx.k - rank)], dim=1)
     cols = u * target_norm
-    new = fan_in_from_gradient(ctx, m, cols, float(opts.get("epsilon", 1e-6)))
+    new = fan_in_from_gradient(ctx, m, cols, float(opts.get("epsilon", 1e-8)))
     info["fan_in_grad_norm"] = float((cols.T @ m).norm())
     info["singular_values"] = [float(v) for v in s[: ctx.k]]
     return NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)

@@ -58,11 +58,19 @@ class GrowthContext:
 
 @dataclass
 class NewChannels:
-    """Values for the k new channels: fan-in rows per producer, fan-out columns per consumer."""
+    """Values for the k new channels: fan-in rows per producer, fan-out columns per consumer.
+
+    ``new_values`` overrides the default new slice of any other member tensor, keyed by
+    ``(module, attr)`` (e.g. a producer's bias or a BatchNorm's running stats when splitting
+    units); ``existing`` replaces a member tensor's *existing* entries (same shape as now),
+    e.g. the halved fan-out of a split unit. Both are applied inside the atomic surgery.
+    """
 
     fan_in: dict[str, torch.Tensor]
     fan_out: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    new_values: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    existing: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
 Initializer = Callable[[GrowthContext], NewChannels]

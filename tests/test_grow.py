@@ -32,6 +32,7 @@ def _grow_every_target(name: str, inits: list[str], k: int = 2) -> None:
         record = dynarch.grow(model, target, k, init=inits[i % len(inits)])
         assert (record.width_before, record.width_after) == (width, width + k)
         assert model.get_submodule(target).weight.shape[0] == width + k
+        assert record.info["output_change"] <= 1e-5
         with torch.no_grad():
             after = model(x)
         diff = (after - before).abs().max().item()

@@ -20,6 +20,7 @@ from dynarch.surgery.plan import (
     check_group_norms,
     check_k,
     count_params,
+    eval_output,
     resolve,
     swap_tensors,
 )
@@ -59,9 +60,13 @@ def grow(
         new.info["fan_in_grad_norm"] = fan_in_gradient_norm(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
+    before = eval_output(model)
     with all_or_nothing(list(modules.values()), optimizer):
         swap_tensors(modules, edits, tensors, optimizer)
-        check_forward(model, f"growing {target!r}")
+        after = check_forward(model, f"growing {target!r}")
+    if torch.is_tensor(before) and torch.is_tensor(after):
+        # 0 for function-preserving inits; the eps fan-in of gradmax shows up here
+        new.info["output_change"] = float((after - before).abs().max())
     return MutationRecord(
         kind="grow",
         target=target,
@@ -90,6 +95,24 @@ def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
             raise DynarchError(
                 f"initializer gave {kind}[{name!r}] of shape {have}, expected {shape}"
             )
+    members = {
+        (m.module, ct.attr): (ct.dim, m.multiplicity)
+        for m in ctx.group.members
+        for ct in channel_tensors(ctx.modules[m.module], m.role)
+    }
+    for key, tensor in new.existing.items():
+        current = getattr(ctx.modules[key[0]], key[1]) if key in members else None
+        if current is None or tensor.shape != current.shape:
+            raise DynarchError(f"initializer's existing{key} is not a member tensor of that shape")
+    for key, tensor in new.new_values.items():
+        if key not in members:
+            raise DynarchError(f"initializer's new_values{key} is not a member tensor")
+        dim, mult = members[key]
+        if tensor.shape[dim] != ctx.k * mult:
+            raise DynarchError(
+                f"initializer's new_values{key} has {tensor.shape[dim]} entries along dim "
+                f"{dim}, expected {ctx.k * mult}"
+            )
 
 
 def _plan(
@@ -103,8 +126,10 @@ def _plan(
         count = k * member.multiplicity
         for ct in channel_tensors(module, member.role):
             key = (member.module, ct.attr)
-            current = tensors.get(key, getattr(module, ct.attr))
-            if member.role == CHANNELWISE:
+            current = tensors.get(key, new.existing.get(key, getattr(module, ct.attr)))
+            if key in new.new_values:
+                values = new.new_values[key]
+            elif member.role == CHANNELWISE:
                 values = neutral_values(module, ct.attr, count)
             elif member.role == CONSUMER:
                 values = new.fan_out[member.module]

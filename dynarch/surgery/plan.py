@@ -64,25 +64,28 @@ def check_group_norms(group: ChannelGroup, modules: dict[str, nn.Module], new_wi
                 )
 
 
-def check_forward(model: nn.Module, action: str) -> None:
-    """Run the remembered example inputs through ``model`` (eval mode, no side effects).
-
-    A model whose code hard-codes a size (``x.view(-1, 256)``) fails here; the caller's
-    ``all_or_nothing`` then restores it.
-    """
+def eval_output(model: nn.Module) -> Any:
+    """The model's output on its remembered example inputs, in eval mode, with no side effects."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            model(remember_example_inputs(model, None))
+            return model(remember_example_inputs(model, None))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def check_forward(model: nn.Module, action: str) -> Any:
+    """:func:`eval_output` after a mutation; a model whose code hard-codes a size
+    (``x.view(-1, 256)``) fails here, and the caller's ``all_or_nothing`` restores it."""
+    try:
+        return eval_output(model)
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedOpError(
             f"the model's forward fails after {action} ({first_line}); nothing was changed"
         ) from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def count_params(model: nn.Module) -> int:
