@@ -23,7 +23,14 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from dynarch.errors import UnknownTargetError, close_matches
-from dynarch.surgery.layers import is_weighted, role_of, unsupported_reason
+from dynarch.surgery.layers import (
+    CHANNELWISE,
+    CONSUMER,
+    PRODUCER,
+    is_weighted,
+    role_of,
+    unsupported_reason,
+)
 
 # Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
 _CHANNEL_REARRANGING = (
@@ -79,11 +86,11 @@ class ChannelGroup:
 
     @property
     def producers(self) -> list[str]:
-        return [m.module for m in self.members if m.role == "producer"]
+        return [m.module for m in self.members if m.role == PRODUCER]
 
     @property
     def consumers(self) -> list[str]:
-        return [m.module for m in self.members if m.role == "consumer"]
+        return [m.module for m in self.members if m.role == CONSUMER]
 
     def member_modules(self) -> list[str]:
         return sorted({m.module for m in self.members})
@@ -105,8 +112,7 @@ class ArchGraph:
 
     nx: nx.DiGraph
     groups: list[ChannelGroup]
-    _group_of_module: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)
-    dependency_graph: tp.DependencyGraph | None = field(default=None, repr=False)
+    group_by_module: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_module(cls, model: nn.Module, example_inputs: Any = None) -> ArchGraph:
@@ -120,18 +126,18 @@ class ArchGraph:
         """Module names whose output channels can grow or shrink."""
         return [
             name
-            for name, g in self._group_of_module.items()
+            for name, g in self.group_by_module.items()
             if not g.at_output and g.unsupported is None and name in g.producers
         ]
 
     def group_of(self, target: str) -> ChannelGroup:
         """The channel group formed by ``target``'s output channels."""
-        if target not in self._group_of_module:
+        if target not in self.group_by_module:
             raise UnknownTargetError(
                 f"no conv/linear layer named {target!r} in the traced model"
-                + close_matches(target, self._group_of_module)
+                + close_matches(target, self.group_by_module)
             )
-        return self._group_of_module[target]
+        return self.group_by_module[target]
 
     def widths(self) -> dict[str, int]:
         """Width of every channel group, by group name."""
@@ -295,13 +301,19 @@ def _build(model: nn.Module, dg: tp.DependencyGraph) -> ArchGraph:
             group = _channel_group(dg, module, module_names, ids)
             groups.append(group)
             for member in group.members:
-                if member.role != "consumer":
+                if member.role == PRODUCER or _owns_dimension(member, g, group):
                     group_of.setdefault(member.module, group)
-    for group in groups:
-        for member in group.members:
-            if member.role != "consumer":
-                g.nodes[member.module]["group"] = group.name
-    return ArchGraph(nx=g, groups=groups, _group_of_module=group_of, dependency_graph=dg)
+                    g.nodes[member.module]["group"] = group.name
+    by_module = {n: group_of[n] for n in module_names.values() if n in group_of}  # module order
+    return ArchGraph(nx=g, groups=groups, group_by_module=by_module)
+
+
+def _owns_dimension(member: GroupMember, g: nx.DiGraph, group: ChannelGroup) -> bool:
+    """A channel-wise layer (BN, depthwise) whose whole channel dimension is this group's; one
+    after a concatenation serves several groups and belongs to none."""
+    return member.role == CHANNELWISE and member.stop - member.start == g.nodes[member.module].get(
+        "out_channels"
+    )
 
 
 def _channel_group(
@@ -352,7 +364,7 @@ def _channel_group(
     unique = list(dict.fromkeys(members))
     # Named after its first producer in module order, whichever member it was traced from.
     order = {n: i for i, n in enumerate(module_names.values())}
-    producers = [m.module for m in unique if m.role == "producer"] or [module_names[module]]
+    producers = [m.module for m in unique if m.role == PRODUCER] or [module_names[module]]
     return ChannelGroup(
         name=min(producers, key=order.__getitem__),
         width=width,

@@ -21,7 +21,7 @@ from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
 from dynarch.graph import ChannelGroup
-from dynarch.surgery.layers import receptive_field
+from dynarch.surgery.layers import CONSUMER, receptive_field
 
 
 @dataclass
@@ -45,7 +45,7 @@ class GrowthContext:
         mult = next(
             m.multiplicity
             for m in self.group.members
-            if m.module == consumer and m.role == "consumer"
+            if m.module == consumer and m.role == CONSUMER
         )
         return (w.shape[0], self.k * mult, *w.shape[2:])
 
