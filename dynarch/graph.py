@@ -361,9 +361,9 @@ def _channel_group(
             unsupported = unsupported or f"{mname}: {problem}"
             continue
         members.append(member)
-    unique = list(dict.fromkeys(members))
-    # Named after its first producer in module order, whichever member it was traced from.
+    # Members in module order; named after the first producer, whichever member was traced from.
     order = {n: i for i, n in enumerate(module_names.values())}
+    unique = sorted(dict.fromkeys(members), key=lambda m: (order[m.module], m.side != "out"))
     producers = [m.module for m in unique if m.role == PRODUCER] or [module_names[module]]
     return ChannelGroup(
         name=min(producers, key=order.__getitem__),
