@@ -1,0 +1,71 @@
+"""The ``dynarch`` command: ``dynarch run [hydra overrides...]`` trains with a mutation schedule.
+
+Configuration comes from Hydra (``configs/config.yaml`` at the repository top level); every run
+gets its own directory under ``runs/`` with the resolved config, metrics, mutations and the final
+architecture. Mistakes the user can fix end in one ``dynarch: error: ...`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dynarch.errors import DynarchError
+from dynarch.train import run_job
+
+USAGE = "usage: dynarch run [hydra overrides...]  (e.g. dynarch run trainer.epochs=3 model.width=8)"
+
+# The repository's top-level configs/, found from this file: Hydra would resolve a relative
+# "../configs" as a Python package (dynarch is imported as a module), and configs/ is not one.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+# Messages of failed jobs in this process; a multirun keeps going and exits 1 at the end.
+_failures: list[str] = []
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _run_app(cfg: DictConfig) -> None:
+    """One Hydra job: run it, reporting user errors as one line instead of a traceback."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(plain, dict)
+        if plain["data"].get("path"):
+            # relative to where the user ran dynarch, even if hydra.job.chdir is switched on
+            plain["data"]["path"] = to_absolute_path(str(plain["data"]["path"]))
+        summary = run_job(plain, run_dir)
+    except (DynarchError, OmegaConfBaseException) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        (run_dir / "FAILED").write_text(message + "\n", encoding="utf-8")
+        print(f"dynarch: error: {message}", file=sys.stderr)
+        _failures.append(message)
+        return
+    print(
+        f"final test accuracy {summary.test_accuracy:.4f} (loss {summary.test_loss:.4f}), "
+        f"params {summary.params_before} -> {summary.params_after}, "
+        f"{len(summary.mutations)} mutations, {summary.seconds:.1f} s"
+    )
+    print(f"run written to {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dynarch`` console script and ``python -m dynarch``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0)
+    if not args or args[0] != "run":
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    # Hydra parses sys.argv itself; it must see only the overrides after "run".
+    sys.argv = [sys.argv[0], *args[1:]]
+    _failures.clear()
+    _run_app()
+    sys.exit(1 if _failures else 0)
