@@ -117,17 +117,14 @@ def default_uniform(shape: tuple[int, ...], fan_in: int, like: torch.Tensor) -> 
     return torch.empty(shape, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
 
 
+def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(shape, device=like.device, dtype=like.dtype)
+
+
 @register_initializer("random")
 def random_init(ctx: GrowthContext) -> NewChannels:
     """Zero fan-in (function unchanged), random fan-out at the layer's default scale."""
-    fan_in = {
-        p: torch.zeros(
-            ctx.fan_in_shape(p),
-            device=ctx.modules[p].weight.device,
-            dtype=ctx.modules[p].weight.dtype,
-        )
-        for p in ctx.group.producers
-    }
+    fan_in = {p: zeros(ctx.fan_in_shape(p), ctx.modules[p].weight) for p in ctx.group.producers}
     fan_out = {
         c: default_uniform(ctx.fan_out_shape(c), ctx.consumer_fan_in(c), ctx.modules[c].weight)
         for c in ctx.group.consumers
@@ -142,12 +139,5 @@ def zeros_init(ctx: GrowthContext) -> NewChannels:
     for p in ctx.group.producers:
         w = ctx.modules[p].weight
         fan_in[p] = default_uniform(ctx.fan_in_shape(p), w.shape[1] * receptive_field(w), w)
-    fan_out = {
-        c: torch.zeros(
-            ctx.fan_out_shape(c),
-            device=ctx.modules[c].weight.device,
-            dtype=ctx.modules[c].weight.dtype,
-        )
-        for c in ctx.group.consumers
-    }
+    fan_out = {c: zeros(ctx.fan_out_shape(c), ctx.modules[c].weight) for c in ctx.group.consumers}
     return NewChannels(fan_in, fan_out)
