@@ -1,5 +1,6 @@
 """dynarch: grow (GradMax) and prune (Torch-Pruning) convolutional networks while they train."""
 
+from dynarch import growth_baselines  # noqa: F401  (registers net2net, firefly)
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph, ChannelGroup, GroupMember
 from dynarch.initializers import GrowthContext, NewChannels, register_initializer

@@ -15,6 +15,7 @@ smaller side with ``torch.linalg.eigh``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.initializers import GrowthContext, NewChannels, register_initializer
+from dynarch.initializers import (
+    GrowthContext,
+    Initializer,
+    NewChannels,
+    random_init,
+    register_initializer,
+)
+from dynarch.surgery.layers import CONSUMER
 
 
 class GradMaxUnsupported(DynarchError):
@@ -65,8 +73,7 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
         )
     producer = ctx.modules[producers[0]]
     consumers = {c: ctx.modules[c] for c in ctx.group.consumers}
-    multiplicity = {m.module: m.multiplicity for m in ctx.group.members if m.role == "consumer"}
-    start = {m.module: m.start for m in ctx.group.members if m.role == "consumer"}
+    multiplicity = {m.module: m.multiplicity for m in ctx.group.members if m.role == CONSUMER}
 
     captured: dict[str, Any] = {}
     hooks = [producer.register_forward_hook(_capture(captured, "producer"))]
@@ -95,7 +102,6 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
                     captured[name][0].shape,
                     delta.detach(),
                     multiplicity[name],
-                    start[name],
                 )
                 blocks[name] = blocks.get(name, 0) + part * len(x)  # weight batches by size
             samples += len(x)
@@ -164,7 +170,6 @@ def _consumer_block(
     c_in_shape: torch.Size,
     delta: torch.Tensor,
     multiplicity: int,
-    start: int,
 ) -> torch.Tensor:
     """Sum over the batch of dL/dz_consumer (x) producer patches, routed along the path.
 
@@ -249,7 +254,7 @@ def existing_fan_out_norm(ctx: GrowthContext) -> float:
     """Mean norm of the existing channels' fan-out vectors (all consumers concatenated)."""
     total = None
     for member in ctx.group.members:
-        if member.role != "consumer":
+        if member.role != CONSUMER:
             continue
         w = ctx.modules[member.module].weight.detach()
         block = w.narrow(1, member.start, member.stop - member.start)
@@ -272,7 +277,24 @@ def fan_out_from_columns(ctx: GrowthContext, stats: GradientStats, cols: torch.T
     return fan_out
 
 
+def random_when_unsupported(init: Initializer) -> Initializer:
+    """Groups outside GradMax's statistics (a residual stream with several producers, grouped
+    convs) grow with ``random`` instead of failing a run; the record's info says so."""
+
+    @functools.wraps(init)
+    def wrapped(ctx: GrowthContext) -> NewChannels:
+        try:
+            return init(ctx)
+        except GradMaxUnsupported as exc:
+            new = random_init(ctx)
+            new.info["fallback"] = f"random: {exc}"
+            return new
+
+    return wrapped
+
+
 @register_initializer("gradmax")
+@random_when_unsupported
 def gradmax_init(ctx: GrowthContext) -> NewChannels:
     """Fan-out = top-k left singular vectors of M, each scaled to ``scale`` x the mean existing
     fan-out norm (or ``norm``); fan-in = ``epsilon`` x the mean fan-in norm along the new
@@ -324,3 +346,83 @@ def _columns(ctx: GrowthContext, name: str, fan_out: torch.Tensor) -> torch.Tens
     mult = fan_out.shape[1] // ctx.k
     block = fan_out.reshape(w.shape[0], ctx.k, mult, *w.shape[2:]).movedim(1, -1)
     return block.reshape(-1, ctx.k)
+
+
+@register_initializer("gradmax_opt")
+@random_when_unsupported
+def gradmax_opt_init(ctx: GrowthContext) -> NewChannels:
+    """GradMax by optimisation (the paper's GradMax-Opt): Adam on the fan-out instead of an SVD.
+
+    A baseline for the closed form, and a route for objectives without one. Starts from random
+    fan-out columns at GradMax's norm and takes ``steps`` Adam steps on ``-||W^T M||_F``,
+    projecting every column back to that norm after each step (``orthogonal=True`` keeps the
+    columns orthogonal instead, GradMax's own constraint). The gradient is first projected onto
+    the tangent space of the constraint: its radial part, which the projection would undo
+    anyway, otherwise dominates Adam's per-coordinate scaling and stalls the ascent (measured:
+    ~0.5-0.9 of the optimum after 100 steps, against 1.000 with the tangent projection).
+
+    With per-column norms the columns are decoupled, so each one converges to the top singular
+    vector of M: the objective exceeds GradMax's (up to sqrt(k) sigma_1 vs. sqrt(sum sigma_i^2))
+    but the k new units become (anti)parallel copies. The best iterate seen is returned. Uses
+    the single ``gradient_matrix`` pass; everything else runs on M's device.
+    """
+    opts = ctx.options
+    stats = gradient_matrix(ctx, int(opts.get("max_samples", 512)))
+    m = stats.matrix
+    target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
+    steps = int(opts.get("steps", 100))
+    orthogonal = bool(opts.get("orthogonal", False)) and ctx.k <= m.shape[0]
+    # The ascent runs on unit columns, scaled to ``target_norm`` at the end. Adam moves every
+    # coordinate by about lr per step (less as the tangent gradient fades) and unit columns have
+    # coordinates of about 1/sqrt(rows), so the default turns a column by a sizeable fraction of
+    # its length at first and then settles. Measured on the test models after 100 steps: 0.1
+    # reaches 1.000 of the optimum per column but only 0.979 with ``orthogonal``; 0.3 >= 0.996.
+    lr = float(opts.get("lr") or 0.3 / math.sqrt(m.shape[0]))
+    gen = seeded_generator(m.device, opts.get("seed"))
+    start = torch.randn(m.shape[0], ctx.k, device=m.device, dtype=m.dtype, generator=gen)
+    unit = _project(start, orthogonal)
+    optimizer = torch.optim.Adam([unit], lr=lr)
+    best, best_value = unit.clone(), -1.0
+    with torch.no_grad():
+        for step in range(steps + 1):
+            proj = unit.T @ m
+            value = float(proj.norm())
+            if value > best_value:
+                best, best_value = unit.clone(), value
+            if step == steps:
+                break
+            # gradient of -||U^T M||_F in closed form, projected onto the constraint's tangent
+            # space (sphere per column, or the Stiefel manifold)
+            grad = -(m @ proj.T) / max(value, 1e-30)
+            if orthogonal:
+                grad -= unit @ (0.5 * (unit.T @ grad + grad.T @ unit))
+            else:
+                grad -= unit * (unit * grad).sum(0, keepdim=True)
+            unit.grad = grad
+            optimizer.step()
+            unit.copy_(_project(unit, orthogonal))
+    cols = best * target_norm
+    new = fan_in_from_gradient(ctx, m, cols, float(opts.get("epsilon", 1e-8)))
+    info: dict[str, Any] = {
+        "samples": stats.samples,
+        "fan_in_grad_norm": float((cols.T @ m).norm()),
+        "steps": steps,
+    }
+    return NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)
+
+
+def _project(cols: torch.Tensor, orthogonal: bool) -> torch.Tensor:
+    """Unit columns (or, with ``orthogonal``, the orthonormal frame of QR, signs kept)."""
+    if orthogonal:
+        q, r = torch.linalg.qr(cols)
+        signs = torch.sign(torch.diagonal(r))
+        return q * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-30)
+
+
+def seeded_generator(device: torch.device, seed: Any) -> torch.Generator:
+    """A generator on ``device``: seeded by ``seed``, or drawn from the global RNG so that
+    ``torch.manual_seed`` makes runs repeatable."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return torch.Generator(device=device).manual_seed(int(seed))

@@ -237,3 +237,25 @@ def test_gradmax_on_wide_resnet_hidden_conv_keeps_function() -> None:
     torch.testing.assert_close(model(x).detach(), before, atol=1e-5, rtol=0)
     assert record.info["fan_in_grad_norm"] > 0
     assert model.layer2[1].conv2.weight.shape == (128, 136, 3, 3)
+
+
+@pytest.mark.parametrize("init", ["gradmax", "gradmax_opt", "firefly"])
+def test_residual_stream_falls_back_to_random_and_says_why(init: str) -> None:
+    model, x = build("resnet18")
+    y = torch.arange(len(x)) % 10
+    before = model(x).detach()
+    record = dynarch.grow(
+        model, "layer1.0.conv2", 4, init=init, data=(x, y), loss_fn=nn.CrossEntropyLoss()
+    )
+    assert "3 producers" in record.info["fallback"]
+    torch.testing.assert_close(model(x).detach(), before, atol=1e-5, rtol=0)
+    assert model.conv1.out_channels == 68
+
+
+def test_custom_initializer_by_import_path() -> None:
+    model, x = build("vgg_small")
+    record = dynarch.grow(
+        model, "features.conv2", 2, init="dynarch.initializers:zeros_init", example_inputs=x
+    )
+    assert record.method == "dynarch.initializers:zeros_init"
+    assert model.features.conv3.weight[:, -2:].abs().sum() == 0

@@ -49,7 +49,7 @@ def grow(
     start = time.perf_counter()
     k = check_k(k)
     initializer = get_initializer(init)
-    group, _, modules = resolve(model, target, example_inputs)
+    group, _, modules = resolve(model, target, example_inputs, data)
     check_group_norms(group, modules, lambda width: width + k)
     params_before = count_params(model)
 

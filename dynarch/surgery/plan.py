@@ -20,10 +20,11 @@ from dynarch.surgery.layers import is_weighted, sync_sizes
 
 
 def resolve(
-    model: nn.Module, target: str, example_inputs: Any
+    model: nn.Module, target: str, example_inputs: Any, data: Any = None
 ) -> tuple[ChannelGroup, tp.DependencyGraph, dict[str, nn.Module]]:
     """Trace ``model`` and return the group formed by ``target``'s output channels.
 
+    Without ``example_inputs``, the remembered ones or the inputs of ``data=(x, y)`` serve.
     Raises a one-line :class:`DynarchError` for anything that cannot be mutated consistently.
     """
     named = dict(model.named_modules())
@@ -35,6 +36,8 @@ def resolve(
         raise UnknownTargetError(
             f"{target!r} is a {type(module).__name__}; targets are conv or linear layers"
         )
+    if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
+        example_inputs = data[0]
     group, dg = trace_group(model, target, example_inputs)
     if group.unsupported:
         raise UnsupportedOpError(f"cannot change the channels of {target!r}: {group.unsupported}")

@@ -59,7 +59,7 @@ def prune(
             f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}"
             + close_matches(importance, IMPORTANCES)
         )
-    group, dg, modules = resolve(model, target, example_inputs)
+    group, dg, modules = resolve(model, target, example_inputs, data)
     if idxs is not None:
         chosen = _check_idxs(idxs, group)
     else:
