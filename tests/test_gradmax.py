@@ -162,6 +162,18 @@ def test_singular_vectors_match_svd_and_fill_is_orthogonal() -> None:
     torch.testing.assert_close(both.T @ both, torch.eye(5), atol=1e-5, rtol=0)
 
 
+def test_truncated_svd_on_a_large_matrix_reaches_the_optimum() -> None:
+    gen = torch.Generator().manual_seed(2)
+    # decaying spectrum, like a real gradient matrix
+    m = torch.randn(900, 40, generator=gen) @ torch.diag(0.8 ** torch.arange(40.0))
+    m = m @ torch.randn(40, 700, generator=gen)
+    u, s = top_singular_vectors(m, 4)
+    ref = torch.linalg.svdvals(m)[:4]
+    torch.testing.assert_close(s, ref, rtol=1e-4, atol=0)
+    assert (u.T @ m).norm() >= 0.999 * ref.norm()
+    torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
+
+
 def test_k_above_rank_fills_with_orthogonal_random_and_says_so() -> None:
     # a single training sample: M = delta x^T has rank 1
     model, x, y, producer, consumer = _case("linear->linear")
