@@ -30,6 +30,7 @@ from dynarch.initializers import (
     GrowthContext,
     Initializer,
     NewChannels,
+    epsilon_fan_in,
     random_init,
     register_initializer,
 )
@@ -194,26 +195,21 @@ def _consumer_block(
         raise GradMaxUnsupported(
             f"GradMax needs Linear or ungrouped Conv2d consumers, got {type(consumer).__name__}"
         )
-    pooled = F.adaptive_avg_pool2d(image, c_in_shape[-2:])
-    out_c, taps = consumer.weight.shape[0], consumer.weight[0, 0].numel()
-    result = delta.new_zeros(out_c * taps, fan_in)
-    # chunk the batch: unfolded patches of patches are fan_in * taps * L per sample
-    per_sample = fan_in * taps * delta[0, 0].numel()
-    chunk = max(1, int(2**25 // max(per_sample, 1)))
-    for i in range(0, batch, chunk):
-        sub = pooled[i : i + chunk]
-        n = sub.shape[0]
-        patches = F.unfold(
-            sub.reshape(n * fan_in, 1, *sub.shape[-2:]),
-            consumer.kernel_size,
-            consumer.dilation,
-            consumer.padding,
-            consumer.stride,
-        )
-        patches = patches.reshape(n, fan_in, taps, -1)  # (n, F, taps, L2)
-        d = delta[i : i + chunk].reshape(n, out_c, -1)  # (n, O, L2)
-        result += torch.einsum("bol,bful->ouf", d, patches).reshape(out_c * taps, fan_in)
-    return result
+    if isinstance(consumer.padding, str) or consumer.padding_mode != "zeros":
+        raise GradMaxUnsupported("GradMax needs consumer convs with numeric zero padding")
+    if tuple(c_in_shape[-2:]) != (h, w):
+        image = F.adaptive_avg_pool2d(image, c_in_shape[-2:])
+    # M[(o, u), f] = sum_b,t delta[b, o, t] * image[b, f, pos(u, t)]: the weight gradient of a
+    # conv with the consumer's geometry whose input is the producer-patch image.
+    grad = torch.nn.grad.conv2d_weight(
+        image,
+        (consumer.out_channels, fan_in, *consumer.kernel_size),
+        delta,
+        stride=consumer.stride,
+        padding=consumer.padding,
+        dilation=consumer.dilation,
+    )  # (out, fan_in, kh, kw)
+    return grad.flatten(2).transpose(1, 2).reshape(-1, fan_in)
 
 
 def _pooled_size(h: int, w: int, multiplicity: int) -> tuple[int, int]:
@@ -331,12 +327,9 @@ def gradmax_init(ctx: GrowthContext) -> NewChannels:
 def fan_in_from_gradient(ctx: GrowthContext, m: torch.Tensor, cols: torch.Tensor, epsilon: float):
     """Tiny fan-in along minus the new fan-in gradient (one SGD-like step of relative size eps)."""
     producer = ctx.group.producers[0]
-    w = ctx.modules[producer].weight.detach()
     grad = cols.T @ m  # (k, fan_in): dL/dw_in for each new unit
-    norms = grad.norm(dim=1, keepdim=True)
-    direction = torch.where(norms > 0, -grad / norms.clamp_min(1e-30), torch.zeros_like(grad))
-    scale = epsilon * float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
-    return {producer: (direction * scale).reshape(ctx.fan_in_shape(producer)).to(w.dtype)}
+    direction = torch.where(grad.abs().sum(1, keepdim=True) > 0, -grad, torch.randn_like(grad))
+    return {producer: epsilon_fan_in(ctx, producer, epsilon, direction)}
 
 
 def fan_in_gradient_norm(ctx: GrowthContext, new: NewChannels) -> float | None:

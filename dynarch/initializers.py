@@ -121,10 +121,32 @@ def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, device=like.device, dtype=like.dtype)
 
 
+def epsilon_fan_in(
+    ctx: GrowthContext, producer: str, epsilon: float, direction: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A fan-in that is zero for all practical purposes: ``epsilon`` (initializer option,
+    default 1e-8) x the mean norm of the existing fan-in rows, along ``direction`` (random if
+    None).
+
+    Exactly zero fan-in behind a ReLU never learns (PyTorch's relu'(0) = 0); this tiny fan-in
+    puts the new unit just off zero, so the ReLU passes gradient to it, while the output moves
+    by ~epsilon (reported as ``output_change``). ``epsilon=0`` gives exact zeros.
+    """
+    w = ctx.modules[producer].weight.detach()
+    shape = ctx.fan_in_shape(producer)
+    if direction is None:
+        direction = torch.randn(shape, device=w.device, dtype=w.dtype)
+    direction = direction.reshape(shape[0], -1)
+    unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    scale = epsilon * float(w.flatten(1).norm(dim=1).mean())
+    return (unit * scale).reshape(shape).to(w.dtype)
+
+
 @register_initializer("random")
 def random_init(ctx: GrowthContext) -> NewChannels:
-    """Zero fan-in (function unchanged), random fan-out at the layer's default scale."""
-    fan_in = {p: zeros(ctx.fan_in_shape(p), ctx.modules[p].weight) for p in ctx.group.producers}
+    """Zero fan-in (up to ``epsilon``), random fan-out at the layer's default scale."""
+    epsilon = float(ctx.options.get("epsilon", 1e-8))
+    fan_in = {p: epsilon_fan_in(ctx, p, epsilon) for p in ctx.group.producers}
     fan_out = {
         c: default_uniform(ctx.fan_out_shape(c), ctx.consumer_fan_in(c), ctx.modules[c].weight)
         for c in ctx.group.consumers

@@ -202,6 +202,7 @@ def test_zero_gradient_falls_back_to_random() -> None:
     assert model[2].weight[:, -2:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("init", ["gradmax", "random"])
 @pytest.mark.parametrize(
     "arch,target",
     [
@@ -211,7 +212,7 @@ def test_zero_gradient_falls_back_to_random() -> None:
         ("resnet18", "layer1.0.conv1"),
     ],
 )
-def test_new_neurons_train_with_stock_relu(arch: str, target: str) -> None:
+def test_new_neurons_train_with_stock_relu(arch: str, target: str, init: str) -> None:
     """nn.ReLU has derivative 0 at 0: the eps fan-in is what lets new fan-in weights learn."""
     model, x = build(arch)
     y = torch.arange(len(x)) % 10
@@ -222,7 +223,7 @@ def test_new_neurons_train_with_stock_relu(arch: str, target: str) -> None:
         m = copy.deepcopy(model)
         m.eval()
         dynarch.grow(
-            m, target, 2, init="gradmax", data=data, loss_fn=loss_fn, example_inputs=x, epsilon=eps
+            m, target, 2, init=init, data=data, loss_fn=loss_fn, example_inputs=x, epsilon=eps
         )
         torch.testing.assert_close(m(x).detach(), before, atol=1e-5, rtol=0)
         m.train()

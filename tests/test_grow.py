@@ -68,10 +68,10 @@ def test_grow_inserts_at_concat_offset_and_flatten_blocks() -> None:
     dynarch.ArchGraph.from_module(model, x)
     fc1 = model.classifier.fc1
     old = fc1.weight.detach().clone()  # in = 16 channels * (4 * 4)
-    dynarch.grow(model, "features.conv4", 2, init="random")
+    dynarch.grow(model, "features.conv4", 2, init="random", epsilon=0.0)
     assert fc1.weight.shape == (old.shape[0], old.shape[1] + 2 * 16)
     assert torch.equal(fc1.weight[:, : old.shape[1]], old)
-    assert model.features.conv4.weight[-2:].abs().sum() == 0  # zero fan-in
+    assert model.features.conv4.weight[-2:].abs().sum() == 0  # exactly zero fan-in
     assert fc1.weight[:, old.shape[1] :].abs().sum() > 0  # random fan-out
 
 
@@ -120,3 +120,12 @@ def test_growth_and_pruning_stay_on_cuda() -> None:
     for p in model.parameters():
         assert p.is_cuda
         assert opt.state[p]["momentum_buffer"].is_cuda
+
+
+def test_random_init_fan_in_is_epsilon_times_existing_norm() -> None:
+    model, x = build("vgg_small")
+    conv = model.features.conv2
+    mean_norm = conv.weight.detach().flatten(1).norm(dim=1).mean()
+    dynarch.grow(model, "features.conv2", 3, init="random", example_inputs=x)
+    new_norms = model.features.conv2.weight[-3:].detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(new_norms, torch.full((3,), 1e-8 * float(mean_norm)))
