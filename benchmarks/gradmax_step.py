@@ -158,42 +158,6 @@ def measure(
     }
 
 
-def statistics_hotspot(width: int, batch: int = 128, repeats: int = 3) -> dict[str, float]:
-    """The conv -> conv block of M for vgg_small's conv3 -> conv4 (16x16 maps): the library's
-    unfold-of-patches + einsum (``_consumer_block``) vs the same matrix as a conv weight
-    gradient (``torch.nn.grad.conv2d_weight`` on the unfolded producer input), interleaved."""
-    torch.manual_seed(0)
-    producer = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-    consumer = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
-    p_in = torch.randn(batch, width, 16, 16)
-    delta = torch.randn(batch, 2 * width, 16, 16)
-    fan_in, out_c = width * 9, 2 * width
-
-    def library() -> torch.Tensor:
-        shape = torch.Size([batch, out_c, 16, 16])
-        return dynarch.gradmax._consumer_block(producer, p_in, shape, consumer, shape, delta, 1, 0)
-
-    def weight_grad() -> torch.Tensor:
-        cols = nn.functional.unfold(p_in, 3, padding=1).reshape(batch, fan_in, 16, 16)
-        g = torch.nn.grad.conv2d_weight(cols, (out_c, fan_in, 3, 3), delta, padding=1)
-        return g.permute(0, 2, 3, 1).reshape(out_c * 9, fan_in)
-
-    a, b = library(), weight_grad()
-    times: dict[str, list[float]] = {"library": [], "conv2d_weight": []}
-    for _ in range(repeats):
-        for name, fn in (("library", library), ("conv2d_weight", weight_grad)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    lib, alt = statistics.median(times["library"]), statistics.median(times["conv2d_weight"])
-    return {
-        "library_s": lib,
-        "conv2d_weight_s": alt,
-        "speedup": lib / alt,
-        "max_rel_diff": float((a - b).abs().max() / a.abs().max()),
-    }
-
-
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table of medians, ratio and breakdown (ms)."""
     head = (
@@ -224,9 +188,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument(
-        "--hotspot", action="store_true", help="also time the conv->conv statistics block"
-    )
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -242,18 +203,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up\n"
     )
     print(format_table(results))
-    hotspot = {}
-    if args.hotspot:
-        print(
-            "\n| M block conv3 -> conv4 | library ms | conv2d_weight ms | speed-up | max rel diff |"
-        )
-        print("|---|---|---|---|---|")
-        for w in args.widths:
-            h = hotspot[w] = statistics_hotspot(w, args.batch)
-            print(
-                f"| vgg_small w={w} | {1e3 * h['library_s']:.0f} | {1e3 * h['conv2d_weight_s']:.0f}"
-                f" | {h['speedup']:.1f}× | {h['max_rel_diff']:.1e} |"
-            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -261,7 +210,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                     "settings": vars(args),
                     "torch": torch.__version__,
                     "results": results,
-                    "hotspot": hotspot,
                 },
                 f,
             )
