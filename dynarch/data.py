@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dynarch.errors import DynarchError
 
-DATASET_NAMES = ("digits", "npz", "cifar10", "cifar100", "imagefolder")
+DATASET_NAMES = ("digits", "npz", "cifar10", "cifar100", "imagefolder", "teacher_student")
 
 # Per-channel statistics of the CIFAR training sets, the values most papers normalise with.
 CIFAR_STATS = {
@@ -70,6 +70,8 @@ def load_data(
         return _load_cifar(name, root=root, download=download, normalize=normalize)
     if name == "imagefolder":
         return _load_imagefolder(path, normalize=normalize)
+    if name == "teacher_student":
+        return _load_teacher_student(seed=seed, test_fraction=test_fraction)
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
@@ -122,6 +124,36 @@ def _load_digits(*, seed: int, test_fraction: float, normalize: bool) -> DataSpl
         train=TensorDataset(x_train, torch.from_numpy(y_tr)),
         test=TensorDataset(x_test, torch.from_numpy(y_te)),
         num_classes=int(labels.max()) + 1,
+        in_channels=1,
+        image_size=8,
+    )
+
+
+def _load_teacher_student(
+    *, seed: int, test_fraction: float, samples: int = 2000, teacher_seed: int = 0
+) -> DataSplits:
+    """Gaussian 1x8x8 images labelled by a fixed random teacher CNN: a task whose capacity
+    need is known (the teacher's) and that needs no download."""
+    from dynarch.models import vgg_small
+
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"teacher_student: test_fraction must be in (0, 1), got {test_fraction}")
+    gen = torch.Generator().manual_seed(teacher_seed)
+    x = torch.randn(samples, 1, 8, 8, generator=gen)
+    with torch.random.fork_rng():
+        torch.manual_seed(teacher_seed)
+        teacher = vgg_small(num_classes=10, in_channels=1, width=8, image_size=8).eval()
+    with torch.no_grad():
+        logits = teacher(x)
+        # standardised per class, so the argmax spreads over all 10 classes
+        y = ((logits - logits.mean(0)) / logits.std(0).clamp_min(1e-12)).argmax(dim=1)
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(samples * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return DataSplits(
+        train=TensorDataset(x[train], y[train]),
+        test=TensorDataset(x[test], y[test]),
+        num_classes=10,
         in_channels=1,
         image_size=8,
     )

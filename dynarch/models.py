@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-BUILTIN_MODELS = ("vgg_small", "resnet_small")
+BUILTIN_MODELS = ("vgg_small", "resnet_small", "wrn")
 TORCHVISION_PREFIX = "torchvision:"
 
 
@@ -135,6 +135,58 @@ def resnet_small(
     return ResNetSmall(num_classes, in_channels, width, tuple(int(b) for b in blocks))
 
 
+class WideBlock(nn.Module):
+    """Pre-activation wide-ResNet block (BN-ReLU-conv, BN-ReLU-conv) with a 1x1 shortcut conv
+    when the shape changes; conv1 -> bn2 -> relu -> conv2 is the hidden layer GradMax grows."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(x))
+        shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+def wrn(
+    num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 28
+) -> nn.Sequential:
+    """Wide ResNet depth-k (Zagoruyko & Komodakis 2016) with first-stage width ``width``
+    (16k; WRN-28-10 is width=160): stages width, 2*width, 4*width at strides 1, 2, 2."""
+    _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
+    if (depth - 4) % 6 or depth < 10:
+        raise ValueError(f"wrn depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth}")
+    per_stage = (depth - 4) // 6
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        stem=nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+    )
+    channels = 16
+    for stage, stride in enumerate((1, 2, 2), start=1):
+        out_channels = width * 2 ** (stage - 1)
+        blocks = [
+            WideBlock(channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
+            for i in range(per_stage)
+        ]
+        layers[f"stage{stage}"] = nn.Sequential(*blocks)
+        channels = out_channels
+    layers["bn"] = nn.BatchNorm2d(channels)
+    layers["relu"] = nn.ReLU()
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(channels, num_classes)
+    return nn.Sequential(layers)
+
+
 def build_model(
     name: str, num_classes: int, in_channels: int, image_size: int, **kwargs: object
 ) -> nn.Module:
@@ -147,6 +199,8 @@ def build_model(
         return vgg_small(num_classes, in_channels, image_size=image_size, **kwargs)  # type: ignore[arg-type]
     if name == "resnet_small":
         return resnet_small(num_classes, in_channels, **kwargs)  # type: ignore[arg-type]
+    if name == "wrn":
+        return wrn(num_classes, in_channels, **kwargs)  # type: ignore[arg-type]
     if name.startswith(TORCHVISION_PREFIX):
         tv_name = name[len(TORCHVISION_PREFIX) :]
         if tv_name in _torchvision_names():

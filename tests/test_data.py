@@ -243,3 +243,14 @@ def test_loaders_seeded_shuffle_is_reproducible() -> None:
 def test_loaders_reject_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size must be positive"):
         make_loaders(_digits_small(), batch_size=0)
+
+
+def test_teacher_student_is_deterministic_and_uses_every_class() -> None:
+    a = load_data("teacher_student", seed=0)
+    b = load_data("teacher_student", seed=0)
+    xa, ya = a.train.tensors
+    xb, yb = b.train.tensors
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert (len(a.train), len(a.test), a.num_classes, a.in_channels) == (1600, 400, 10, 1)
+    counts = torch.bincount(ya, minlength=10)
+    assert counts.min() > 50  # standardised teacher logits spread the labels

@@ -122,3 +122,32 @@ def test_one_sgd_step_reduces_loss_vgg_small() -> None:
     # An untrained 10-way classifier starts near ln(10) ~ 2.30; one step must clearly improve it.
     assert before.item() == pytest.approx(2.30, abs=0.15)
     assert after.item() < before.item() - 0.1
+
+
+def test_wrn_shapes_and_gradmax_growth_of_a_hidden_conv() -> None:
+    import dynarch
+    from dynarch.models import wrn
+
+    model = wrn(num_classes=10, in_channels=3, width=8, depth=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+    assert model.stage3[0].conv2.out_channels == 32  # stages 8, 16, 32
+    before = model(x).detach()
+    record = dynarch.grow(
+        model,
+        "stage2.0.conv1",
+        4,
+        init="gradmax",
+        data=(x, torch.arange(2)),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
+    assert "fallback" not in record.info and record.info["fan_in_grad_norm"] > 0
+    torch.testing.assert_close(model(x).detach(), before, atol=1e-5, rtol=0)
+    assert model.stage2[0].conv2.in_channels == 20
+
+
+def test_wrn_rejects_a_depth_that_is_not_6n_plus_4() -> None:
+    from dynarch.models import wrn
+
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        wrn(depth=27)
