@@ -12,12 +12,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import to_absolute_path
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dynarch.config import register
+from dynarch.controller import ConfigError, run
 from dynarch.errors import DynarchError
-from dynarch.train import run_job
+from dynarch.policies.base import Policy
+
+register()
 
 USAGE = "usage: dynarch run [hydra overrides...]  (e.g. dynarch run trainer.epochs=3 model.width=8)"
 
@@ -35,12 +40,13 @@ def _run_app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert isinstance(plain, dict)
         if plain["data"].get("path"):
             # relative to where the user ran dynarch, even if hydra.job.chdir is switched on
             plain["data"]["path"] = to_absolute_path(str(plain["data"]["path"]))
-        summary = run_job(plain, run_dir)
+        policy = _instantiate_policy(cfg.policy)
+        summary = run(plain, policy, run_dir)
     except (DynarchError, OmegaConfBaseException) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         (run_dir / "FAILED").write_text(message + "\n", encoding="utf-8")
@@ -50,9 +56,22 @@ def _run_app(cfg: DictConfig) -> None:
     print(
         f"final test accuracy {summary.test_accuracy:.4f} (loss {summary.test_loss:.4f}), "
         f"params {summary.params_before} -> {summary.params_after}, "
-        f"{len(summary.mutations)} mutations, {summary.seconds:.1f} s"
+        f"{summary.mutations} mutations, {summary.steps} steps, {summary.seconds:.1f} s"
     )
     print(f"run written to {run_dir}")
+
+
+def _instantiate_policy(node: DictConfig) -> Policy:
+    """Build the policy from its ``_target_``; a bad argument is a user error, in one line."""
+    try:
+        policy = instantiate(node, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        detail = str(cause).strip().splitlines()[0] if cause and str(cause).strip() else None
+        raise ConfigError(f"policy: {detail or str(exc).strip().splitlines()[0]}") from None
+    if not callable(getattr(policy, "decide", None)):
+        raise ConfigError(f"policy: {type(policy).__name__} has no decide(state) method")
+    return policy
 
 
 def main(argv: list[str] | None = None) -> None:
