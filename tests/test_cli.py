@@ -195,3 +195,41 @@ def test_no_or_unknown_subcommand_prints_usage(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: dynarch run") and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_over_policies_and_seeds_runs_four_runs(tmp_path: Path) -> None:
+    result = dynarch(
+        tmp_path,
+        "run",
+        "-m",
+        "policy=gradmax_schedule,random_schedule",
+        "trainer.seed=0,1",
+        "trainer.epochs=1",
+    )
+    assert result.returncode == 0, result.stderr
+    dbs = sorted((tmp_path / "runs" / "multirun").glob("*/*/history.db"))
+    assert len(dbs) == 4
+    inits = sorted({e["method"] for db in dbs for e in HistoryReader(db).events()})
+    assert inits == ["gradmax", "random"]
+    assert all(HistoryReader(db).run()["status"] == "completed" for db in dbs)
+
+
+CIFAR = TESTS.parent.parent / "shared" / "data" / "cifar10-10k.npz"
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="needs ../shared/data/cifar10-10k.npz")
+@pytest.mark.parametrize("experiment", ["gradmax_all_at_once", "gradmax_round_robin"])
+def test_paper_presets_run_on_the_cifar_subset(tmp_path: Path, experiment: str) -> None:
+    result = dynarch(
+        tmp_path,
+        "run",
+        f"experiment={experiment}",
+        "data=npz",
+        f"data.path={CIFAR}",
+        "trainer.steps=120",
+        "trainer.threads=1",
+    )
+    assert result.returncode == 0, result.stderr
+    events = HistoryReader(run_dir_of(result) / "history.db").events()
+    assert {e["step"] for e in events} == {50, 100}  # every 50 steps from step 50
+    assert all(e["kind"] == "grow" and e["method"] == "gradmax" for e in events)

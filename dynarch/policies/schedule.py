@@ -49,8 +49,8 @@ class Schedule:
     and against the real model (targets, widths through the whole schedule) before training."""
 
     def __init__(self, mutations: list[Mapping[str, Any]]) -> None:
-        self.entries = sorted(_parse(mutations), key=lambda e: (e.in_steps, e.when, e.index))
-        self.done = 0
+        self.entries = _parse(mutations)
+        self.done = 0  # how many entries, in order of their step, have been applied
 
     def check(self, state: TrainState) -> None:
         graph = state.graph
@@ -86,9 +86,11 @@ class Schedule:
             widths[group] += change
 
     def decide(self, state: TrainState) -> list[Mutation]:
+        # epochs become steps only now (steps per epoch are known), in listed order for ties
+        order = sorted(self.entries, key=lambda e: (e.step(state), e.index))
         due = []
-        while self.done < len(self.entries) and self.entries[self.done].step(state) <= state.step:
-            e = self.entries[self.done]
+        while self.done < len(order) and order[self.done].step(state) <= state.step:
+            e = order[self.done]
             unit = "step" if e.in_steps else "epoch"
             due.append(
                 Mutation(**{**e.mutation.__dict__, "reason": f"schedule: {unit} {e.when:g}"})
