@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,18 @@ def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.T
         yield x[:take], y[:take]
 
 
+@contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Run extra forwards (statistics, probes) without moving BatchNorm running statistics."""
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
 def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats:
     """Accumulate M over ``ctx.data`` (one forward/backward per batch; model left unchanged)."""
     if ctx.data is None or ctx.loss_fn is None:
@@ -79,39 +92,36 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
     captured: dict[str, Any] = {}
     hooks = [producer.register_forward_hook(_capture(captured, "producer"))]
     hooks += [c.register_forward_hook(_capture(captured, name)) for name, c in consumers.items()]
-    buffers = {n: b.clone() for n, b in ctx.model.named_buffers()}  # BN running stats
     blocks: dict[str, torch.Tensor] = {}
     samples = 0
     device = producer.weight.device
     try:
-        for x, y in batches(ctx.data, max_samples):
-            x, y = x.to(device), y.to(device)
-            captured.clear()
-            with torch.enable_grad():
-                loss = ctx.loss_fn(ctx.model(x), y)
-                outs = [captured[name][1] for name in consumers]
-                deltas = torch.autograd.grad(loss, outs, allow_unused=True)
-            p_in, p_out = captured["producer"]
-            for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
-                if delta is None:
-                    continue
-                part = _consumer_block(
-                    producer,
-                    p_in,
-                    p_out.shape,
-                    consumer,
-                    captured[name][0].shape,
-                    delta.detach(),
-                    multiplicity[name],
-                )
-                blocks[name] = blocks.get(name, 0) + part * len(x)  # weight batches by size
-            samples += len(x)
+        with buffers_restored(ctx.model):  # BatchNorm running stats
+            for x, y in batches(ctx.data, max_samples):
+                x, y = x.to(device), y.to(device)
+                captured.clear()
+                with torch.enable_grad():
+                    loss = ctx.loss_fn(ctx.model(x), y)
+                    outs = [captured[name][1] for name in consumers]
+                    deltas = torch.autograd.grad(loss, outs, allow_unused=True)
+                p_in, p_out = captured["producer"]
+                for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
+                    if delta is None:
+                        continue
+                    part = _consumer_block(
+                        producer,
+                        p_in,
+                        p_out.shape,
+                        consumer,
+                        captured[name][0].shape,
+                        delta.detach(),
+                        multiplicity[name],
+                    )
+                    blocks[name] = blocks.get(name, 0) + part * len(x)  # weight batches by size
+                samples += len(x)
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for n, b in ctx.model.named_buffers():
-                b.copy_(buffers[n])
     if samples == 0:
         raise DynarchError("init 'gradmax' got no data samples")
     rows, row_blocks, offset = [], {}, 0

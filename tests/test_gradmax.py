@@ -272,3 +272,21 @@ def test_custom_initializer_by_import_path() -> None:
     )
     assert record.method == "dynarch.initializers:zeros_init"
     assert model.features.conv3.weight[:, -2:].abs().sum() == 0
+
+
+def test_statistics_in_train_mode_leave_batchnorm_running_stats_alone() -> None:
+    model, x = build("vgg_small")
+    model.train()
+    bn = model.features.bn3
+    mean, var, count = bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+    dynarch.grow(
+        model,
+        "features.conv3",
+        2,
+        init="gradmax",
+        data=(x, torch.arange(len(x)) % 10),
+        loss_fn=nn.CrossEntropyLoss(),
+        example_inputs=x,
+    )
+    assert torch.equal(bn.running_mean[:16], mean) and torch.equal(bn.running_var[:16], var)
+    assert int(bn.num_batches_tracked) == count

@@ -16,6 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from dynarch.gradmax import buffers_restored
 from dynarch.graph import ArchGraph, remember_example_inputs
 
 
@@ -80,16 +81,12 @@ class TrainState:
             )
             for t in targets
         ]
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         try:
-            with torch.no_grad():
+            with buffers_restored(self.model), torch.no_grad():
                 self.model(self.batch[0])
         finally:
             for h in hooks:
                 h.remove()
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    b.copy_(buffers[n])
         return captured
 
 
