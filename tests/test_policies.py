@@ -174,3 +174,20 @@ def test_instantiated_from_config_by_target() -> None:
     )
     applied, _, _ = drive(policy, 5)
     assert [s for s, *_ in applied] == [0, 4]
+
+
+def test_loss_plateau_fires_only_after_patience() -> None:
+    from dynarch.policies import LossPlateau
+
+    trigger = LossPlateau(patience=3, window=2, min_delta=0.01)
+    losses: list[float] = []
+    fired = []
+    curve = [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    for step, loss in enumerate(curve):
+        state = TrainState(step, 0.0, 10, 100, None, (None, None), None, [], losses, {}, 0)
+        if trigger.should_act(state)[0]:
+            fired.append(step)
+        losses.append(loss)
+    # best window mean 0.5 first seen at step 5 (losses 0.5, 0.5); fires 3 steps later, then
+    # again after another 3 steps of no improvement
+    assert fired == [8, 11]

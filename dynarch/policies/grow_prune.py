@@ -61,6 +61,39 @@ class AtSteps:
         return state.step in self.steps, f"at step {state.step}"
 
 
+class LossPlateau:
+    """Fires when the mean training loss of the last ``window`` steps has improved by less than
+    ``min_delta`` (relative) over the best earlier window for ``patience`` steps; then waits
+    ``patience`` steps before it can fire again."""
+
+    def __init__(self, patience: int = 100, window: int = 20, min_delta: float = 0.01) -> None:
+        _positive("patience", patience)
+        _positive("window", window)
+        if min_delta < 0:
+            raise PolicyError(f"min_delta must be >= 0, got {min_delta!r}")
+        self.patience, self.window, self.min_delta = patience, window, min_delta
+        self.best, self.best_step = math.inf, 0
+
+    def should_act(self, state: TrainState) -> tuple[bool, str]:
+        losses = state.train_losses
+        if len(losses) < self.window:
+            return False, ""
+        current = sum(losses[-self.window :]) / self.window
+        if current < self.best * (1 - self.min_delta):
+            self.best, self.best_step = current, state.step
+            return False, ""
+        if state.step - self.best_step >= self.patience:
+            self.best, self.best_step = current, state.step  # restart the patience
+            return True, f"loss plateau: {current:.4g} for {self.patience} steps"
+        return False, ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = float(state["best"]), int(state["best_step"])
+
+
 class AllTargets:
     """Every growable layer (or the given ones), except ``exclude``: the paper's all-at-once."""
 
