@@ -15,6 +15,10 @@ of the benchmark, the functions ``grow`` calls (behaviour unchanged, only timed)
 - other: the rest (initializer glue, new tensors, swap)
 
     python benchmarks/gradmax_step.py --repeats 7 --json /tmp/gradmax_step.json
+    python benchmarks/gradmax_step.py --init gradmax_fanin_opt --widths 16 --no-resnet
+
+``--init`` times another initializer the same way; the breakdown then only sees the parts it
+looks up through ``dynarch.gradmax`` (the total and the ratio are what compare).
 """
 
 from __future__ import annotations
@@ -101,8 +105,9 @@ def measure(
     repeats: int = 7,
     warmup: int = 2,
     seed: int = 0,
+    init: str = "gradmax",
 ) -> dict[str, Any]:
-    """Median times of a training step and of a GradMax grow, interleaved, with breakdown."""
+    """Median times of a training step and of a grow (``init``), interleaved, with breakdown."""
     torch.manual_seed(seed)
     model = make()
     x = torch.randn(batch, 3, 32, 32)
@@ -123,7 +128,7 @@ def measure(
         with timed_parts(parts):
             start = time.perf_counter()
             record = dynarch.grow(
-                clone, target, k, init="gradmax", data=(x, y), loss_fn=loss_fn, example_inputs=x
+                clone, target, k, init=init, data=(x, y), loss_fn=loss_fn, example_inputs=x
             )
             total = time.perf_counter() - start
         parts["other"] = total - sum(parts[p] for p in PARTS)
@@ -185,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--no-resnet", action="store_true", help="skip torchvision resnet18")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--init", default="gradmax", help="the initializer to time")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -195,11 +201,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
     results = {}
     for label, make, target in cases(args.widths, not args.no_resnet):
-        results[label] = measure(make, target, args.batch, args.k, args.repeats, args.warmup)
+        results[label] = measure(
+            make, target, args.batch, args.k, args.repeats, args.warmup, init=args.init
+        )
         print(f"{label}: ratio {results[label]['ratio']:.2f}", flush=True)
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, batch {args.batch}, k {args.k}, "
+        f"{platform.processor() or platform.machine()}, init {args.init}, batch {args.batch}, "
+        f"k {args.k}, "
         f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up\n"
     )
     print(format_table(results))

@@ -1,14 +1,17 @@
 """The when / where / how study (docs/study.md): run every arm for several seeds, then read the
 runs' histories back (``dynarch.history.open``) into tables and plots.
 
-    python benchmarks/study.py digits                  # 54 runs, ~5 min on 2 cores
-    python benchmarks/study.py cifar --jobs 2          # 54 runs, ~1 h on 2 cores
+    python benchmarks/study.py digits                  # 21 arms x 3 seeds = 63 runs
+    python benchmarks/study.py cifar --jobs 2          # 63 runs, over 1 h on 2 cores
     python benchmarks/study.py digits --report-only    # tables and plots from existing runs
     python benchmarks/study.py digits --arms "static big" zeros --set trainer.epochs=30 \
         --tag epochs30                                 # a variant: runs/study/digits-epochs30/
+    python benchmarks/study.py cifar --arms "static big" zeros --seeds 0 1 2 3 4 --jobs 2
 
 Runs go to runs/study/<data>/<arm>/<seed>/ (one Hydra sweep per arm over the seeds); the
-report is printed as Markdown and the plots are written to docs/images/study/.
+report is printed as Markdown and the plots are written to docs/images/study/: final accuracy
+against training FLOPs and parameters (<study>_accuracy.png), and accuracy over the run against
+cumulative training FLOPs (<study>_curves.png, the arms of --curve-arms).
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import dynarch.history
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-10k.npz"
+IMAGES = ROOT / "docs" / "images" / "study"
 
 DATA = {
     "digits": {"base": ["experiment=study_digits"], "mid": 8, "big": 16},
@@ -52,6 +60,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "gradmax_opt": ("how", ["policy=study/grow_all", "policy.init=gradmax_opt"]),
     "random": ("how", ["policy=study/grow_all", "policy.init=random"]),
     "zeros": ("how", ["policy=study/grow_all", "policy.init=zeros"]),
+    "gradmax_fanin": ("how", ["policy=study/grow_all", "policy.init=gradmax_fanin"]),
+    "gradmax_fanin_opt": ("how", ["policy=study/grow_all", "policy.init=gradmax_fanin_opt"]),
+    "tiny": ("how", ["policy=study/grow_all", "policy.init=tiny"]),
     "net2net": ("how", ["policy=study/grow_all", "policy.init=net2net"]),
     "north": ("when", ["policy=study/north"]),
     "gradient trigger": ("when", ["policy=study/gradient_trigger"]),
@@ -225,20 +236,36 @@ def _spread_labels(rows: list[dict], key: str) -> list[float]:
     return heights
 
 
-def plot(study: str, rows: list[dict]) -> None:
-    """Accuracy against training FLOPs and against final parameters, one point per arm."""
+# one colour per question in the end-point plot; the curves tell arms apart by colour instead
+COLOURS = {"baseline": "black", "how": "tab:blue", "when": "tab:orange"}
+COLOURS |= {"where": "tab:green", "grow+prune": "tab:red"}
+# ... and questions by line style
+STYLES = {"baseline": "--", "how": "-", "when": "-.", "where": ":", "grow+prune": (0, (5, 1, 1, 1))}
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A matplotlib figure on the Agg backend (files only, no display), imported lazily so
+    that running the study does not need matplotlib until the plots."""
     import matplotlib
-    import matplotlib.lines
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    out = ROOT / "docs" / "images" / "study"
-    out.mkdir(parents=True, exist_ok=True)
-    colours = {"baseline": "black", "how": "tab:blue", "when": "tab:orange"}
-    colours |= {"where": "tab:green", "grow+prune": "tab:red"}
-    fig = Figure(figsize=(11, 5))
+    return Figure(**kwargs)
+
+
+def _save(fig: Figure, name: str) -> None:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / name, dpi=90)
+    print(f"\nplot: {(IMAGES / name).relative_to(ROOT)}")
+
+
+def plot(study: str, rows: list[dict]) -> None:
+    """Accuracy against training FLOPs and against final parameters, one point per arm."""
+    import matplotlib.lines
+    import matplotlib.ticker
+
+    fig = _figure(figsize=(11, 5))
     for ax, key, label in zip(
         fig.subplots(1, 2),
         ("train_flops", "params"),
@@ -252,7 +279,7 @@ def plot(study: str, rows: list[dict]) -> None:
                 yerr=r["accuracy_sd"],
                 fmt="o",
                 capsize=3,
-                color=colours[r["question"]],
+                color=COLOURS[r["question"]],
             )
         for r, label_y in zip(rows, _spread_labels(rows, key), strict=True):
             ax.annotate(
@@ -270,21 +297,109 @@ def plot(study: str, rows: list[dict]) -> None:
         ax.grid(alpha=0.3)
     handles = [
         matplotlib.lines.Line2D([], [], marker="o", ls="", color=c, label=q)
-        for q, c in colours.items()
+        for q, c in COLOURS.items()
     ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(f"study on {study}: mean ± sd over seeds")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out / f"{study}_accuracy.png", dpi=90)
-    print(f"\nplot: docs/images/study/{study}_accuracy.png")
+    _save(fig, f"{study}_accuracy.png")
+
+
+def eval_curve(run: Path) -> dict[int, tuple[float, float]]:
+    """Step -> (cumulative training FLOPs, test accuracy) at every evaluation of one run."""
+    rows = dynarch.history.open(run).metrics("eval").to_dicts()
+    return {
+        r["step"]: (r["train_flops"], r["accuracy"])
+        for r in rows
+        if r["accuracy"] is not None and r.get("train_flops") is not None
+    }
+
+
+def mean_curve(runs: list[Path]) -> dict[str, Any] | None:
+    """Mean over seeds at the evaluation steps all seeds have (they share the schedule), FLOPs
+    averaged too: they differ between seeds where growth depends on the data. None without
+    a common step."""
+    curves = [eval_curve(r) for r in runs]
+    steps = sorted(set.intersection(*map(set, curves))) if curves else []
+    if not steps:
+        return None
+    accuracy = [mean_std([c[s][1] for c in curves]) for s in steps]
+    return {
+        "flops": [statistics.fmean(c[s][0] for c in curves) for s in steps],
+        "accuracy": [mean for mean, _ in accuracy],
+        "sd": [sd for _, sd in accuracy],
+        "seeds": len(curves),
+    }
+
+
+def arm_curves(study: str, arms: list[str]) -> dict[str, dict[str, Any]]:
+    """The mean curve of each of ``arms`` that has completed runs, in the order given."""
+    curves = {arm: mean_curve(completed_runs(arm_dir(study, arm))) for arm in arms}
+    missing = [arm for arm, curve in curves.items() if curve is None]
+    if missing:
+        print(f"\ncurves: no completed runs of {', '.join(missing)}")
+    return {arm: curve for arm, curve in curves.items() if curve is not None}
+
+
+def _arm_colours(arms: list[str]) -> dict[str, str]:
+    """Baselines in greys (black in the end-point plot), the same grey for an arm in every
+    selection; every other arm its own colour."""
+    baselines = [arm for arm, (question, _) in ARMS.items() if question == "baseline"]
+    greys = ["black", "dimgrey", "darkgrey"]
+    palette = [f"C{i}" for i in range(10) if i != 7]  # C7 is a grey: it would pass for a baseline
+    others = iter(palette[i % 9] for i in range(len(arms)))
+    return {
+        arm: greys[baselines.index(arm) % 3] if arm in baselines else next(others) for arm in arms
+    }
+
+
+def plot_curves(study: str, curves: dict[str, dict[str, Any]]) -> None:
+    """Test accuracy over the run against cumulative training FLOPs, one line per arm (mean
+    over seeds, ±1 sd shaded): how an arm gets to its end point, e.g. what a growth costs."""
+    import matplotlib.ticker
+
+    top = max(max(c["flops"]) for c in curves.values())
+    scale, unit = (1e12, "TFLOPs") if top >= 1e12 else (1e9, "GFLOPs")
+    fig = _figure(figsize=(10, 5))
+    ax = fig.add_subplot()
+    for arm, colour in _arm_colours(list(curves)).items():
+        c = curves[arm]
+        x = [f / scale for f in c["flops"]]
+        band = [(a - sd, a + sd) for a, sd in zip(c["accuracy"], c["sd"], strict=True)]
+        ax.fill_between(x, *zip(*band, strict=True), color=colour, alpha=0.12, lw=0)
+        style = STYLES[ARMS[arm][0]]
+        label = f"{arm} ({ARMS[arm][0]}, {c['seeds']} seed{'s' * (c['seeds'] > 1)})"
+        ax.plot(x, c["accuracy"], color=colour, ls=style, marker=".", ms=4, lw=1.3, label=label)
+    ax.set_xscale("log")
+    # 1-2-5 ticks: a short run (or a short range of FLOPs) spans less than a decade
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f"cumulative training {unit}")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"study on {study}: test accuracy over the run, mean ± sd over seeds")
+    fig.tight_layout()
+    _save(fig, f"{study}_curves.png")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", choices=sorted(DATA))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="default: 0 1 2"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (joblib)")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), help="a subset of the arms")
+    arm = {"choices": list(ARMS), "metavar": "ARM"}
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), help="a subset of the arms", **arm)
+    parser.add_argument(
+        "--curve-arms",
+        nargs="+",
+        default=[a for a, (question, _) in ARMS.items() if question in ("baseline", "how")],
+        help="the arms of the accuracy-over-FLOPs curves (default: the baseline and how arms)",
+        **arm,
+    )
     parser.add_argument(
         "--set", nargs="*", default=[], help="overrides for every arm, e.g. trainer.epochs=30"
     )
@@ -295,11 +410,15 @@ def main() -> None:
         parser.error("--set changes every arm: name the variant with --tag")
     study = f"{args.data}-{args.tag}" if args.tag else args.data
     if not args.report_only:
+        seeds = list(dict.fromkeys(args.seeds))  # a seed named twice would run twice
         for arm in args.arms:
-            run_arm(args.data, study, arm, list(range(args.seeds)), args.jobs, args.set)
+            run_arm(args.data, study, arm, seeds, args.jobs, args.set)
     rows = report(study)
     if rows and not math.isnan(rows[0]["accuracy"]):
         plot(study, rows)
+        curves = arm_curves(study, args.curve_arms)
+        if curves:
+            plot_curves(study, curves)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,9 @@ from dynarch.initializers import (
 )
 from dynarch.surgery.layers import CONSUMER
 
+# (consumer name, consumer, its input, dL/d its output) -> the gradient to build M from
+DeltaMap = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class GradMaxUnsupported(DynarchError):
     """The group's shape is outside what GradMax statistics handle (one producer, conv/linear)."""
@@ -50,6 +53,9 @@ class GradientStats:
     matrix: torch.Tensor
     row_blocks: dict[str, tuple[int, int]]
     samples: int
+    # (fan_in, fan_in) second moment of the producer's patches over samples and positions
+    # (per-batch centred with ``centre=True``); only with ``with_cov=True``
+    cov: torch.Tensor | None = None
 
 
 def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,10 +83,25 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved[n])
 
 
-def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats:
-    """Accumulate M over ``ctx.data`` (one forward/backward per batch; model left unchanged)."""
+def gradient_matrix(
+    ctx: GrowthContext,
+    max_samples: int = 512,
+    *,
+    centre: bool = False,
+    with_cov: bool = False,
+    mean_column: bool = False,
+    delta_map: DeltaMap | None = None,
+) -> GradientStats:
+    """Accumulate M over ``ctx.data`` (one forward/backward per batch; model left unchanged).
+
+    ``centre`` subtracts each batch's mean patch first (what train-mode BatchNorm does to a new
+    channel's pre-activation), ``with_cov`` also sums the patches' second moment, and
+    ``delta_map(name, consumer, consumer_input, delta)`` replaces a consumer's output gradient
+    before it enters M (TINY's projected desired update). ``mean_column`` appends one column to
+    M for a constant patch of ones: the fan-out gradient that a channel's mean activation adds.
+    """
     if ctx.data is None or ctx.loss_fn is None:
-        raise DynarchError("init 'gradmax' needs data=(x, y) (or batches) and loss_fn")
+        raise DynarchError(f"init {ctx.init_name!r} needs data=(x, y) (or batches) and loss_fn")
     producers = ctx.group.producers
     if len(producers) != 1:
         raise GradMaxUnsupported(
@@ -94,6 +115,7 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
     hooks = [producer.register_forward_hook(_capture(captured, "producer"))]
     hooks += [c.register_forward_hook(_capture(captured, name)) for name, c in consumers.items()]
     blocks: dict[str, torch.Tensor] = {}
+    cov: torch.Tensor | None = None
     samples = 0
     device = producer.weight.device
     try:
@@ -106,16 +128,27 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
                     outs = [captured[name][1] for name in consumers]
                     deltas = torch.autograd.grad(loss, outs, allow_unused=True)
                 p_in, p_out = captured["producer"]
+                cols = _producer_patches(producer, p_in)  # (B, F) or (B, F, L)
+                if centre:
+                    cols = cols - cols.mean([d for d in range(cols.dim()) if d != 1], keepdim=True)
+                if with_cov:
+                    flat = cols.movedim(1, -1).reshape(-1, cols.shape[1])
+                    part = (flat.T @ flat).double() * (len(x) / len(flat))
+                    cov = part if cov is None else cov + part
+                if mean_column:
+                    cols = torch.cat([cols, torch.ones_like(cols[:, :1])], dim=1)
                 for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
                     if delta is None:
                         continue
+                    delta = delta.detach()
+                    if delta_map is not None:
+                        delta = delta_map(name, consumer, captured[name][0], delta)
                     part = _consumer_block(
-                        producer,
-                        p_in,
+                        cols,
                         p_out.shape,
                         consumer,
                         captured[name][0].shape,
-                        delta.detach(),
+                        delta,
                         multiplicity[name],
                     )
                     blocks[name] = blocks.get(name, 0) + part * len(x)  # weight batches by size
@@ -132,16 +165,18 @@ def gradient_matrix(ctx: GrowthContext, max_samples: int = 512) -> GradientStats
             )
     if ctx.reduce_sum is not None:  # every process's batches, as if they were one
         blocks = {name: ctx.reduce_sum(block) for name, block in blocks.items()}
+        cov = ctx.reduce_sum(cov) if cov is not None else None
         samples = int(ctx.reduce_sum(torch.tensor(float(samples), device=device)))
     if samples == 0:
-        raise DynarchError("init 'gradmax' got no data samples")
+        raise DynarchError(f"init {ctx.init_name!r} got no data samples")
     rows, row_blocks, offset = [], {}, 0
     for name in consumers:
         block = blocks[name]
         rows.append(block / samples)
         row_blocks[name] = (offset, offset + block.shape[0])
         offset += block.shape[0]
-    return GradientStats(torch.cat(rows), row_blocks, samples)
+    cov = cov / samples if cov is not None else None
+    return GradientStats(torch.cat(rows), row_blocks, samples, cov)
 
 
 def _capture(store: dict[str, Any], key: str):
@@ -179,8 +214,7 @@ def _producer_patches(producer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _consumer_block(
-    producer: nn.Module,
-    p_in: torch.Tensor,
+    cols: torch.Tensor,
     p_out_shape: torch.Size,
     consumer: nn.Module,
     c_in_shape: torch.Size,
@@ -194,7 +228,6 @@ def _consumer_block(
     The spatial path producer-output -> consumer-input (identity, pooling, flatten) is taken
     as adaptive average pooling from the producer's to the consumer's spatial size.
     """
-    cols = _producer_patches(producer, p_in)  # (B, F) or (B, F, L)
     batch, fan_in = cols.shape[0], cols.shape[1]
     if cols.dim() == 2:  # linear producer
         if not isinstance(consumer, nn.Linear) or multiplicity != 1:
@@ -290,10 +323,13 @@ def existing_fan_out_norm(ctx: GrowthContext) -> float:
     return float(total.sqrt().mean()) if total is not None else 1.0
 
 
-def fan_out_from_columns(ctx: GrowthContext, stats: GradientStats, cols: torch.Tensor):
-    """Split stacked fan-out columns (rows like M) into each consumer's new weight slice."""
+def fan_out_from_columns(
+    ctx: GrowthContext, row_blocks: dict[str, tuple[int, int]], cols: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Split stacked fan-out columns (rows like M, ``GradientStats.row_blocks``) into each
+    consumer's new weight slice."""
     fan_out = {}
-    for name, (a, b) in stats.row_blocks.items():
+    for name, (a, b) in row_blocks.items():
         shape = ctx.fan_out_shape(name)  # (out, k*mult, *kernel)
         w = ctx.modules[name].weight
         mult = shape[1] // ctx.k
@@ -303,20 +339,30 @@ def fan_out_from_columns(ctx: GrowthContext, stats: GradientStats, cols: torch.T
     return fan_out
 
 
-def random_when_unsupported(init: Initializer) -> Initializer:
-    """Groups outside GradMax's statistics (a residual stream with several producers, grouped
-    convs) grow with ``random`` instead of failing a run; the record's info says so."""
+def fallback_when_unsupported(
+    fallback: Initializer, name: str
+) -> Callable[[Initializer], Initializer]:
+    """Decorator: groups outside the statistics (a residual stream with several producers,
+    grouped convs) grow with ``fallback`` instead of failing a run; the record's
+    ``info["fallback"]`` says which and why."""
 
-    @functools.wraps(init)
-    def wrapped(ctx: GrowthContext) -> NewChannels:
-        try:
-            return init(ctx)
-        except GradMaxUnsupported as exc:
-            new = random_init(ctx)
-            new.info["fallback"] = f"random: {exc}"
-            return new
+    def decorate(init: Initializer) -> Initializer:
+        @functools.wraps(init)
+        def wrapped(ctx: GrowthContext) -> NewChannels:
+            try:
+                return init(ctx)
+            except GradMaxUnsupported as exc:
+                new = fallback(ctx)
+                new.info["fallback"] = f"{name}: {exc}"
+                return new
 
-    return wrapped
+        return wrapped
+
+    return decorate
+
+
+# the zero fan-in family falls back to zero fan-in units with a random fan-out
+random_when_unsupported = fallback_when_unsupported(random_init, "random")
 
 
 @register_initializer("gradmax")
@@ -342,7 +388,9 @@ def gradmax_init(ctx: GrowthContext) -> NewChannels:
     new = fan_in_from_gradient(ctx, m, cols, epsilon)
     info["fan_in_grad_norm"] = float((cols.T @ m).norm())
     info["singular_values"] = [float(v) for v in s[: ctx.k]]
-    channels = NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)
+    channels = NewChannels(
+        fan_in=new, fan_out=fan_out_from_columns(ctx, stats.row_blocks, cols), info=info
+    )
     return gate_batchnorm(ctx, channels, epsilon)
 
 
@@ -434,7 +482,9 @@ def gradmax_opt_init(ctx: GrowthContext) -> NewChannels:
         "fan_in_grad_norm": float((cols.T @ m).norm()),
         "steps": steps,
     }
-    channels = NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)
+    channels = NewChannels(
+        fan_in=new, fan_out=fan_out_from_columns(ctx, stats.row_blocks, cols), info=info
+    )
     return gate_batchnorm(ctx, channels, epsilon)
 
 

@@ -232,5 +232,7 @@ def firefly_init(ctx: GrowthContext) -> NewChannels:
         # the same objective for the k best candidates before the ascent
         "start_fan_in_grad_norm": float(start_scores.topk(ctx.k).values.norm()) * target_norm,
     }
-    channels = NewChannels(fan_in=new, fan_out=fan_out_from_columns(ctx, stats, cols), info=info)
+    channels = NewChannels(
+        fan_in=new, fan_out=fan_out_from_columns(ctx, stats.row_blocks, cols), info=info
+    )
     return gate_batchnorm(ctx, channels, epsilon)

@@ -37,6 +37,7 @@ class GrowthContext:
     options: dict[str, Any] = field(default_factory=dict)
     # sums a statistic over all training processes (multi-process runs); None: one process
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    init_name: str = "custom"  # for messages
 
     def fan_in_shape(self, producer: str) -> tuple[int, ...]:
         w = self.modules[producer].weight
@@ -91,10 +92,13 @@ def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
 
 def _load_builtins() -> None:
     """Import the modules that register the built-in initializers (gradmax, gradmax_opt,
-    net2net, firefly); here rather than in ``dynarch/__init__`` so that importing dynarch
-    stays cheap for the command line's error paths."""
+    gradmax_fanin, gradmax_fanin_opt, tiny, net2net, firefly); here rather than in
+    ``dynarch/__init__`` so that importing dynarch stays cheap for the command line's error
+    paths."""
+    import dynarch.fanin  # noqa: F401
     import dynarch.gradmax  # noqa: F401
     import dynarch.growth_baselines  # noqa: F401
+    import dynarch.tiny  # noqa: F401
 
 
 def available_initializers() -> list[str]:
@@ -179,36 +183,60 @@ def gate_batchnorm(ctx: GrowthContext, new: NewChannels, epsilon: float) -> NewC
     ``bn_gate=False`` keeps the plain epsilon fan-in, and ``epsilon=0`` the exact zeros (a
     unit that never trains).
     """
-    if not ctx.options.get("bn_gate", True) or epsilon <= 0 or len(ctx.group.producers) != 1:
+    if not ctx.options.get("bn_gate", True) or epsilon <= 0:
         return new
+    norm = group_batchnorm(ctx)
+    if norm is None or (norm[0], "weight") in new.new_values:
+        return new
+    bn_name, bn = norm
+    producer_name = ctx.group.producers[0]
+    producer = ctx.modules[producer_name]
+    w = producer.weight.detach()
+    rows = new.fan_in[producer_name].reshape(ctx.k, -1)
+    norms = rows.norm(dim=1, keepdim=True)
+    direction = torch.where(norms > 0, rows, torch.randn_like(rows))
+    unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    fan_in = unit * float(w.flatten(1).norm(dim=1).mean())
+    new.fan_in[producer_name] = fan_in.reshape(ctx.fan_in_shape(producer_name)).to(w.dtype)
+    gamma = float(ctx.options.get("bn_gamma", epsilon)) * float(bn.weight.detach().abs().mean())
+    start_batchnorm(ctx, new, gamma)
+    new.info["bn_gate"] = {"module": bn_name, "gamma": gamma}
+    return new
+
+
+def group_batchnorm(ctx: GrowthContext) -> tuple[str, nn.Module] | None:
+    """The one affine BatchNorm that normalises the single producer's output (Conv-BN-act),
+    or None for any other group shape."""
+    if len(ctx.group.producers) != 1:
+        return None
     norms = [
         m.module
         for m in ctx.group.members
         if m.role == CHANNELWISE
         and isinstance(ctx.modules[m.module], nn.modules.batchnorm._BatchNorm)
     ]
-    if len(norms) != 1:
-        return new
-    bn_name, producer_name = norms[0], ctx.group.producers[0]
-    bn, producer = ctx.modules[bn_name], ctx.modules[producer_name]
-    if bn.weight is None or (bn_name, "weight") in new.new_values:
-        return new
-    w = producer.weight.detach()
-    rows = new.fan_in[producer_name].reshape(ctx.k, -1)
-    norm = rows.norm(dim=1, keepdim=True)
-    direction = torch.where(norm > 0, rows, torch.randn_like(rows))
-    unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    fan_in = unit * float(w.flatten(1).norm(dim=1).mean())
-    new.fan_in[producer_name] = fan_in.reshape(ctx.fan_in_shape(producer_name)).to(w.dtype)
-    gamma = float(ctx.options.get("bn_gamma", epsilon)) * float(bn.weight.detach().abs().mean())
-    new.new_values[(bn_name, "weight")] = torch.full_like(bn.weight[: ctx.k], gamma).detach()
-    stats = _new_channel_stats(ctx, producer, new.fan_in[producer_name])
+    if len(norms) != 1 or ctx.modules[norms[0]].weight is None:
+        return None
+    return norms[0], ctx.modules[norms[0]]
+
+
+def start_batchnorm(ctx: GrowthContext, new: NewChannels, gamma: float | torch.Tensor) -> None:
+    """New channels of the group's BatchNorm (:func:`group_batchnorm`): scale ``gamma``,
+    beta 0, and running statistics measured on ``ctx.data`` with the new fan-in, so that eval
+    mode sees what train mode sees."""
+    norm = group_batchnorm(ctx)
+    assert norm is not None, "start_batchnorm needs a Conv-BN group"
+    bn_name, bn = norm
+    weight = bn.weight.detach()
+    new.new_values[(bn_name, "weight")] = (
+        torch.as_tensor(gamma, dtype=weight.dtype, device=weight.device).expand(ctx.k).clone()
+    )
+    producer = ctx.modules[ctx.group.producers[0]]
+    stats = _new_channel_stats(ctx, producer, new.fan_in[ctx.group.producers[0]])
     if stats is not None and bn.running_mean is not None and bn.running_var is not None:
         mean, var = stats
         new.new_values[(bn_name, "running_mean")] = mean.to(bn.running_mean.dtype)
         new.new_values[(bn_name, "running_var")] = var.to(bn.running_var.dtype)
-    new.info["bn_gate"] = {"module": bn_name, "gamma": gamma}
-    return new
 
 
 def _new_channel_stats(ctx: GrowthContext, producer: nn.Module, fan_in: torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.gradmax import fan_in_gradient_norm
+from dynarch.gradmax import batches, buffers_restored, fan_in_gradient_norm
 from dynarch.graph import ChannelGroup
 from dynarch.initializers import GrowthContext, NewChannels, get_initializer
 from dynarch.models import count_params
@@ -56,11 +56,16 @@ def grow(
     check_group_norms(group, modules, lambda width: width + k)
     params_before = count_params(model)
 
-    ctx = GrowthContext(model, group, k, modules, data, loss_fn, dict(init_options), reduce_sum)
+    name = init if isinstance(init, str) else getattr(init, "__name__", "custom")
+    ctx = GrowthContext(
+        model, group, k, modules, data, loss_fn, dict(init_options), reduce_sum, name
+    )
     new = initializer(ctx)
     _check_new_channels(ctx, new)
     if data is not None and loss_fn is not None and "fan_in_grad_norm" not in new.info:
-        new.info["fan_in_grad_norm"] = fan_in_gradient_norm(ctx, new)
+        # a zero fan-out passes no gradient back to the fan-in: 0 without a statistics pass
+        zero = _zero_fan_out(new)
+        new.info["fan_in_grad_norm"] = 0.0 if zero else fan_in_gradient_norm(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
     before = eval_output(model)
@@ -70,12 +75,16 @@ def grow(
     if torch.is_tensor(before) and torch.is_tensor(after):
         # 0 for function-preserving inits; the eps fan-in of gradmax shows up here
         new.info["output_change"] = float((after - before).abs().max())
+    if data is not None and loss_fn is not None and _zero_fan_out(new):
+        new.info["fan_out_grad_norm"] = new_fan_out_grad_norm(
+            model, group, modules, k, data, loss_fn, int(init_options.get("max_samples", 512))
+        )
     return MutationRecord(
         kind="grow",
         target=target,
         group=group.name,
         k=k,
-        method=init if isinstance(init, str) else getattr(init, "__name__", "custom"),
+        method=name,
         width_before=group.width,
         width_after=group.width + k,
         indices=list(range(group.width, group.width + k)),
@@ -85,6 +94,47 @@ def grow(
         seconds=time.perf_counter() - start,
         info=new.info,
     )
+
+
+def _zero_fan_out(new: NewChannels) -> bool:
+    return bool(new.fan_out) and all(not t.any() for t in new.fan_out.values())
+
+
+def new_fan_out_grad_norm(
+    model: nn.Module,
+    group: ChannelGroup,
+    modules: dict[str, nn.Module],
+    k: int,
+    data: Any,
+    loss_fn: Callable,
+    max_samples: int = 512,
+) -> float:
+    """||dL/d(new fan-out)||_F of a grown model on ``data``, in train mode with BatchNorm's
+    running statistics kept: the real gradient that zero fan-out units start from (``group``
+    and ``modules`` as before the growth, whose new columns start at each member's ``stop``)."""
+    consumers = [m for m in group.members if m.role == CONSUMER]
+    weights = {m.module: modules[m.module].weight for m in consumers}
+    totals = {name: torch.zeros_like(w) for name, w in weights.items()}
+    samples, was_training = 0, model.training
+    device = next(iter(weights.values())).device
+    try:
+        model.train()
+        with buffers_restored(model):
+            for x, y in batches(data, max_samples):
+                with torch.enable_grad():
+                    loss = loss_fn(model(x.to(device)), y.to(device))
+                    grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                for name, grad in zip(weights, grads, strict=True):
+                    if grad is not None:
+                        totals[name] += grad.detach() * len(x)
+                samples += len(x)
+    finally:
+        model.train(was_training)
+    sq = 0.0
+    for m in consumers:
+        count = k * m.multiplicity
+        sq += float(totals[m.module].narrow(1, m.stop, count).pow(2).sum())
+    return sq**0.5 / max(samples, 1)
 
 
 def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:

@@ -1,0 +1,343 @@
+"""Zero fan-out growth with a gradient-chosen fan-in: GradMax for the fan-out.
+
+New channels get an exactly zero fan-out (the function is unchanged in train and eval mode,
+whatever BatchNorm does) and the fan-in that maximises the gradient their fan-out receives, so
+they switch on as fast as possible. With a fan-in row ``w`` the new channel's activation is
+``a = w^T p`` at every position (``p``: the producer's input patch), and the gradient of its
+fan-out is ``M w`` (M of :mod:`dynarch.gradmax`: rows = consumer fan-out entries, columns =
+fan-in entries). Behind a train-mode BatchNorm ``a = gamma w^T (p - mean p) / sqrt(w^T S w +
+eps)``, so the gradient is ``gamma M_c w / sqrt(w^T (S + eps/|w|^2) w)`` with M_c built from
+centred patches and S their covariance: at a fixed fan-in norm the best k rows are the top-k
+generalised eigenvectors of ``(M_c^T M_c, S + eps/|w|^2 I)``. The ridge is BatchNorm's own eps,
+so the objective is exact for the real layer, not a tuned threshold. docs/gradmax.md derives it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynarch.gradmax import (
+    GradientStats,
+    batches,
+    fallback_when_unsupported,
+    gradient_matrix,
+    orthogonal_fill,
+    top_singular_vectors,
+)
+from dynarch.initializers import (
+    GrowthContext,
+    NewChannels,
+    group_batchnorm,
+    register_initializer,
+    start_batchnorm,
+    zeros,
+    zeros_init,
+)
+from dynarch.surgery.grow import grow
+from dynarch.surgery.layers import CONSUMER
+
+# Relative floor of the covariance's eigenvalues, against round-off only (the BatchNorm eps
+# ridge is what regularises); below it a direction is treated as having no variance.
+_EIG_FLOOR = 1e-12
+
+
+# the zero fan-out family falls back to ``zeros`` (random fan-in, zero fan-out): still exact
+zeros_when_unsupported = fallback_when_unsupported(zeros_init, "zeros")
+
+
+def mean_fan_in_norm(ctx: GrowthContext) -> float:
+    """Mean norm of the producer's existing fan-in rows: the scale new rows are given."""
+    w = ctx.modules[ctx.group.producers[0]].weight.detach()
+    return float(w.flatten(1).norm(dim=1).mean())
+
+
+def whitening(cov: torch.Tensor | None, ridge: float) -> torch.Tensor | None:
+    """(S + ridge I)^(-1/2) in float64 (None without a covariance: no BatchNorm)."""
+    if cov is None:
+        return None
+    c = cov.double() + ridge * torch.eye(len(cov), dtype=torch.float64, device=cov.device)
+    evals, evecs = torch.linalg.eigh(c)
+    evals = evals.clamp_min(float(evals.max()) * _EIG_FLOOR)
+    return (evecs * evals.rsqrt()) @ evecs.T
+
+
+def best_directions(
+    m: torch.Tensor, white: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(fan_in, k) unit columns maximising ||M w|| / sqrt(w^T C w) (C = whitening^-2, or the
+    identity) and their objective values. The columns are C-orthogonal: the new channels'
+    pre-activations are uncorrelated on the growth batch, not copies of one best unit."""
+    a = m.double() if white is None else m.double() @ white
+    u, s = top_singular_vectors(a.T, min(k, a.shape[1]))  # right singular vectors of a
+    info: dict[str, Any] = {}
+    tol = float(s[0]) * max(a.shape) * torch.finfo(torch.float32).eps if len(s) else 0.0
+    rank = int((s > tol).sum()) if float(a.abs().max()) > 0 else 0
+    if rank < k:
+        info["random_fill"] = k - rank
+        info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
+        u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], k - rank)], dim=1)
+        s = torch.cat([s[:rank], s.new_zeros(k - rank)])
+    w = u if white is None else white @ u
+    return w / w.norm(dim=0, keepdim=True).clamp_min(1e-300), s, info
+
+
+def fan_out_gradients(
+    m: torch.Tensor, cov: torch.Tensor | None, rows: torch.Tensor, gamma: float, eps: float
+) -> torch.Tensor:
+    """Per new channel, the norm of its fan-out's gradient in the linearised network (rows:
+    (k, fan_in) fan-ins at their real scale)."""
+    g = rows.double() @ m.double().T  # (k, fan-out entries)
+    norms = g.norm(dim=1)
+    if cov is None:
+        return norms
+    var = ((rows.double() @ cov.double()) * rows.double()).sum(1)
+    return gamma * norms / (var + eps).sqrt()
+
+
+def zeros_baseline(
+    ctx: GrowthContext, m: torch.Tensor, cov: torch.Tensor | None, gamma: float, eps: float
+) -> float:
+    """What ``zeros`` growth would get on the same linearisation: the median over 8 draws of
+    its random fan-ins (rescaled to the same norm) of the new fan-out's gradient norm."""
+    producer = ctx.modules[ctx.group.producers[0]]
+    w = producer.weight.detach()
+    norm = mean_fan_in_norm(ctx)
+    gen = torch.Generator(device=w.device).manual_seed(0)  # leaves the global RNG alone
+    values = []
+    for _ in range(8):
+        rows = torch.rand(ctx.fan_in_shape(ctx.group.producers[0]), generator=gen, device=w.device)
+        rows = (rows * 2 - 1).flatten(1)
+        rows = rows / rows.norm(dim=1, keepdim=True) * norm
+        values.append(float(fan_out_gradients(m, cov, rows, gamma, eps).norm()))
+    return statistics.median(values)
+
+
+def closed_form(ctx: GrowthContext) -> tuple[NewChannels, GradientStats]:
+    """The fan-in rows of ``gradmax_fanin`` and the statistics they came from."""
+    opts = ctx.options
+    norm_info = group_batchnorm(ctx)
+    behind_bn = norm_info is not None
+    stats = gradient_matrix(
+        ctx,
+        int(opts.get("max_samples", 512)),
+        centre=behind_bn,
+        with_cov=behind_bn,
+        mean_column=behind_bn,
+    )
+    if behind_bn:  # the last column: what a constant activation adds to the fan-out gradient
+        mean_grad, stats.matrix = stats.matrix[:, -1], stats.matrix[:, :-1]
+    producer_name = ctx.group.producers[0]
+    norm = float(opts.get("norm") or mean_fan_in_norm(ctx))
+    gamma, eps = 1.0, 0.0
+    if norm_info is not None:
+        bn = norm_info[1]
+        gamma = float(opts.get("bn_gamma", 1.0)) * float(bn.weight.detach().abs().mean())
+        eps = float(bn.eps)
+    white = whitening(stats.cov, eps / norm**2)
+    cols, _, info = best_directions(stats.matrix, white, ctx.k)
+    if behind_bn:
+        # After BatchNorm (beta 0) a ReLU gives ~gamma (0.40 + 0.5 x_hat): the mean part adds
+        # gamma 0.40 mean_grad to every unit's fan-out gradient, whatever its fan-in. w and -w
+        # are equal to the linearisation; the sign whose gradient adds to that part is larger.
+        align = mean_grad.double() @ (stats.matrix.double() @ cols)
+        cols = cols * torch.where(align < 0, -1.0, 1.0).to(cols.dtype)
+    rows = (cols.T * norm).to(ctx.modules[producer_name].weight.dtype)
+    new = NewChannels(
+        fan_in={producer_name: rows.reshape(ctx.fan_in_shape(producer_name))},
+        fan_out={
+            c: zeros(ctx.fan_out_shape(c), ctx.modules[c].weight) for c in ctx.group.consumers
+        },
+        info=info,
+    )
+    predicted = fan_out_gradients(stats.matrix, stats.cov, rows, gamma, eps)
+    new.info |= {
+        "samples": stats.samples,
+        "predicted_fan_out_grad_norm": float(predicted.norm()),
+        "zeros_fan_out_grad_norm": zeros_baseline(ctx, stats.matrix, stats.cov, gamma, eps),
+    }
+    if norm_info is not None:
+        start_batchnorm(ctx, new, gamma)
+        new.info["bn_gamma"] = gamma
+    return new, stats
+
+
+@register_initializer("gradmax_fanin")
+@zeros_when_unsupported
+def gradmax_fanin_init(ctx: GrowthContext) -> NewChannels:
+    """Zero fan-out; fan-in rows = the top-k (generalised) singular directions above, each at
+    the mean fan-in norm of the layer (``norm=`` to override). Behind a BatchNorm the new
+    channels start on: gamma = ``bn_gamma`` (default 1) x the layer's mean |gamma|, beta 0,
+    running statistics from the growth batch."""
+    return closed_form(ctx)[0]
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward once every consumer has been run."""
+
+
+def refine_fan_in(
+    ctx: GrowthContext, new: NewChannels, steps: int, lr: float | None
+) -> tuple[torch.Tensor, list[float]]:
+    """Projected gradient ascent on the new fan-in rows of the real fan-out gradient
+    ||dL/dW_out_new||, through a grown copy of the model in train mode (ReLU, BatchNorm and
+    pooling exact). The consumers' output gradients do not depend on the new fan-in (their new
+    fan-out is zero), so they are taken once; each step then runs the forward only up to the
+    last consumer and back through the new channels. Returns the best rows and the objective
+    at every step (the first is the closed form's)."""
+    producer_name = ctx.group.producers[0]
+    data = [(x, y) for x, y in batches(ctx.data, int(ctx.options.get("max_samples", 512)))]
+    probe = grown_copy(ctx, new, data[0][0])
+    weight = probe.get_submodule(producer_name).weight
+    first = ctx.modules[producer_name].weight.shape[0]
+    consumers = [m for m in ctx.group.members if m.role == CONSUMER]
+    deltas = [_consumer_deltas(probe, consumers, x, y, ctx.loss_fn) for x, y in data]
+    norm = float(new.fan_in[producer_name].flatten(1).norm(dim=1).mean())
+    unit = (new.fan_in[producer_name].flatten(1) / norm).detach().clone()
+    optimizer = torch.optim.Adam([unit], lr=lr or 0.1 / unit.shape[1] ** 0.5)
+    best, values = unit.clone(), []
+    for step in range(steps + 1):
+        unit.requires_grad_(True)
+        with torch.no_grad():
+            weight[first:] = (unit * norm).reshape(weight[first:].shape)
+        value = _fan_out_objective(probe, consumers, data, deltas, weight, first)
+        (grad,) = torch.autograd.grad(value, weight)
+        values.append(float(value.detach().sqrt()))
+        if values[-1] >= max(values):
+            best = unit.detach().clone()
+        if step == steps:
+            break
+        with torch.no_grad():  # ascend: minus the tangent part of the gradient
+            g = -grad[first:].flatten(1) * norm
+            g -= unit * (unit * g).sum(1, keepdim=True)
+            unit.grad = g
+            optimizer.step()
+            unit.copy_(unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30))
+    return (best * norm).reshape(new.fan_in[producer_name].shape), values
+
+
+def grown_copy(ctx: GrowthContext, new: NewChannels, example: torch.Tensor) -> nn.Module:
+    """A deep copy of the model grown with ``new``, in train mode, with only the producer's
+    weight trainable (autograd then builds the graph from the new channels on)."""
+    producer = ctx.modules[ctx.group.producers[0]]
+    probe = copy.deepcopy(ctx.model).train()
+    example = example.to(producer.weight.device)
+    grow(
+        probe,
+        ctx.group.producers[0],
+        ctx.k,
+        init=lambda _: copy.deepcopy(new),
+        example_inputs=example,
+    )
+    for p in probe.parameters():
+        p.requires_grad_(False)
+    probe.get_submodule(ctx.group.producers[0]).weight.requires_grad_(True)
+    return probe
+
+
+def _consumer_deltas(
+    probe: nn.Module, consumers: list, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable
+) -> list[torch.Tensor]:
+    """dL/d(output) of every consumer on one batch (full forward and backward)."""
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [
+        probe.get_submodule(m.module).register_forward_hook(_keep_output(outs, m.module))
+        for m in consumers
+    ]
+    device = next(probe.parameters()).device
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(probe(x.to(device)), y.to(device))
+            grads = torch.autograd.grad(loss, [outs[m.module] for m in consumers])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [g.detach() for g in grads]
+
+
+def _keep_output(store: dict, key: str):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        store[key] = output
+
+    return hook
+
+
+def _fan_out_objective(probe, consumers, data, deltas, weight, first) -> torch.Tensor:
+    """||dL/dW_out_new||^2 summed over consumers and averaged over batches (by size), as a
+    differentiable function of the producer's weight."""
+    total: torch.Tensor | None = None
+    samples = sum(len(x) for x, _ in data)
+    device = weight.device
+    for (x, _), batch_deltas in zip(data, deltas, strict=True):
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [
+            probe.get_submodule(m.module).register_forward_hook(
+                _stop_when_all_seen(inputs, m.module, len(consumers))
+            )
+            for m in consumers
+        ]
+        try:
+            with torch.enable_grad():
+                probe(x.to(device))
+        except _Reached:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        for member, delta in zip(consumers, batch_deltas, strict=True):
+            module = probe.get_submodule(member.module)
+            count = (weight.shape[0] - first) * member.multiplicity
+            grad = _weight_grad(module, inputs[member.module], delta, member.stop, count)
+            part = grad.pow(2).sum() * (len(x) / samples)
+            total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _stop_when_all_seen(store: dict, key: str, count: int):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        store[key] = inputs[0]
+        if len(store) == count:
+            raise _Reached
+
+    return hook
+
+
+def _weight_grad(
+    module: nn.Module, inp: torch.Tensor, delta: torch.Tensor, start: int, count: int
+) -> torch.Tensor:
+    """The consumer's weight gradient restricted to input entries [start, start + count)."""
+    if isinstance(module, nn.Linear):
+        return delta.reshape(len(delta), -1).T @ inp.flatten(1)[:, start : start + count]
+    return torch.nn.grad.conv2d_weight(
+        inp[:, start : start + count],
+        (module.out_channels, count, *module.kernel_size),
+        delta,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+    )
+
+
+@register_initializer("gradmax_fanin_opt")
+@zeros_when_unsupported
+def gradmax_fanin_opt_init(ctx: GrowthContext) -> NewChannels:
+    """``gradmax_fanin``'s closed form refined by ``steps`` (default 5) Adam steps of
+    projected ascent on the real fan-out gradient (ReLU, BatchNorm, pooling exact), the
+    reference code's GradMax-Opt with a zero fan-out; the best iterate is kept and the new
+    BatchNorm running statistics are measured again for it."""
+    new, _ = closed_form(ctx)
+    steps = int(ctx.options.get("steps", 5))
+    lr = ctx.options.get("lr")
+    rows, values = refine_fan_in(ctx, new, steps, float(lr) if lr else None)
+    producer_name = ctx.group.producers[0]
+    new.fan_in[producer_name] = rows.to(new.fan_in[producer_name].dtype)
+    if "bn_gamma" in new.info:
+        start_batchnorm(ctx, new, new.info["bn_gamma"])
+    new.info |= {"steps": steps, "opt_fan_out_grad_norm": values}
+    return new

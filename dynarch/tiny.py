@@ -1,0 +1,222 @@
+"""TINY (Verbockhaven et al., 2024, "Growing Tiny Networks: Spotting Expressivity Bottlenecks"):
+new neurons that carry what the existing weights cannot express.
+
+The consumer's *desired update* is V = -dL/dz (its pre-activation gradient). The best change
+of the consumer's own weights explains the part ``dW* p`` of V (least squares on its input
+patches p); the rest, V_proj, is the expressivity bottleneck. k new neurons with fan-in alpha
+and fan-out omega add ``omega (alpha^T q)`` (q: the producer's input patches, linearised
+activation); the rank-k least-squares fit of V_proj is the top-k SVD of
+``N S^(-1/2)`` with N the matrix M of :mod:`dynarch.gradmax` built from -V_proj... i.e. the
+fan-in ``alpha_k = S^(-1/2) u_k`` (unit-variance pre-activation) and the fan-out
+``omega_k = sigma_k v_k``. Adding them with amplitude a (on both sides) changes the loss by
+``-a^2 sum_k omega_k^T N_full alpha_k`` to first order; a line search on the real loss picks
+a. Behind a BatchNorm q is centred and S is its covariance (the new channel is normalised),
+the amplitude sits on the new gamma and the fan-in is stored at the layer's mean fan-in norm.
+Not function preserving by design: the record says what the loss did.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynarch.fanin import grown_copy, mean_fan_in_norm, whitening, zeros_when_unsupported
+from dynarch.gradmax import (
+    batches,
+    buffers_restored,
+    existing_fan_out_norm,
+    fan_out_from_columns,
+    gradient_matrix,
+    top_singular_vectors,
+)
+from dynarch.initializers import (
+    GrowthContext,
+    NewChannels,
+    group_batchnorm,
+    register_initializer,
+    start_batchnorm,
+)
+from dynarch.surgery.layers import CONSUMER
+
+# Ridge of the consumer's input second moment, relative to its mean diagonal: dead inputs
+# (a ReLU channel that is zero on the batch) make it singular.
+_CONSUMER_RIDGE = 1e-4
+# Relative ridge of the producer patches' second moment without BatchNorm.
+_PRODUCER_RIDGE = 1e-6
+
+
+class _ConsumerFit:
+    """The least-squares best update of each consumer's own weights, dW* = G S^-1, from sums
+    over the growth batch of its input patches' second moment S and weight gradient G."""
+
+    def __init__(self) -> None:
+        self.moment: dict[str, torch.Tensor] = {}
+        self.grad: dict[str, torch.Tensor] = {}
+        self.solution: dict[str, torch.Tensor] = {}
+
+    def collect(self, name: str, consumer: nn.Module, inp: torch.Tensor, delta: torch.Tensor):
+        p = _patches(consumer, inp)  # (rows, fan_in (+1 for a bias))
+        d = delta.movedim(1, -1).reshape(len(p), -1) * len(inp)  # per-sample gradients
+        self.moment[name] = self.moment.get(name, 0) + (p.T @ p).double()
+        self.grad[name] = self.grad.get(name, 0) + (d.T @ p).double()
+        return delta
+
+    def solve(self, reduce_sum=None) -> None:
+        for name, s in self.moment.items():
+            g = self.grad[name]
+            if reduce_sum is not None:
+                s, g = reduce_sum(s), reduce_sum(g)
+            ridge = _CONSUMER_RIDGE * float(s.diagonal().mean().clamp_min(1e-30))
+            eye = torch.eye(len(s), dtype=s.dtype, device=s.device)
+            self.solution[name] = torch.linalg.solve(s + ridge * eye, g.T).T  # (out, fan_in)
+
+    def project(self, name: str, consumer: nn.Module, inp: torch.Tensor, delta: torch.Tensor):
+        """delta minus what dW* explains: the bottleneck, in the units of ``delta``."""
+        p = _patches(consumer, inp)
+        explained = (p.double() @ self.solution[name].T).to(delta.dtype) / len(inp)
+        return delta - explained.reshape(delta.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def _patches(consumer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """The consumer's input patches, one row per (sample, output position), with a column of
+    ones when it has a bias (the bias can explain a constant part of V too)."""
+    if isinstance(consumer, nn.Linear):
+        p = inp.reshape(-1, inp.shape[-1])
+    else:
+        cols = F.unfold(
+            inp, consumer.kernel_size, consumer.dilation, consumer.padding, consumer.stride
+        )
+        p = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if consumer.bias is not None:
+        p = torch.cat([p, torch.ones_like(p[:, :1])], dim=1)
+    return p
+
+
+@register_initializer("tiny")
+@zeros_when_unsupported
+def tiny_init(ctx: GrowthContext) -> NewChannels:
+    """TINY's k neurons from the expressivity bottleneck, amplitude by line search on the
+    growth batch (``amplitude=`` fixes it). Options: ``max_samples`` (512)."""
+    max_samples = int(ctx.options.get("max_samples", 512))
+    norm_info = group_batchnorm(ctx)
+    behind_bn = norm_info is not None
+    fit = _ConsumerFit()
+    full = gradient_matrix(ctx, max_samples, centre=behind_bn, with_cov=True, delta_map=fit.collect)
+    fit.solve(ctx.reduce_sum)
+    proj = gradient_matrix(ctx, max_samples, centre=behind_bn, delta_map=fit.project)
+    norm = mean_fan_in_norm(ctx)
+    if behind_bn:
+        ridge = float(norm_info[1].eps) / norm**2
+    else:
+        ridge = _PRODUCER_RIDGE * float(full.cov.diagonal().mean().clamp_min(1e-30))
+    white = whitening(full.cov, ridge)
+    n_proj = -proj.matrix.double()  # rows: fan-out entries; columns: fan-in entries
+    v, s = top_singular_vectors(n_proj @ white, min(ctx.k, *n_proj.shape))
+    right = (white @ n_proj.T @ v) / s.clamp_min(1e-300)  # right singular vectors
+    u = white @ right  # alpha: unit-variance pre-activations, alpha^T (S + ridge) alpha = 1
+    if v.shape[1] < ctx.k:  # more neurons than M has directions: the rest start off
+        pad = ctx.k - v.shape[1]
+        v = torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1)
+        s = torch.cat([s, s.new_zeros(pad)])
+        u = torch.cat([u, white @ torch.randn(u.shape[0], pad, dtype=u.dtype, device=u.device)], 1)
+    omega = v * s  # (fan-out entries, k)
+    decrease = float(((-full.matrix.double()) @ u * omega).sum())
+    new = _channels(ctx, u, omega, norm, behind_bn, full.row_blocks)
+    amplitude, losses = _line_search(ctx, new, omega, behind_bn)
+    _scale(ctx, new, amplitude, behind_bn)
+    new.info |= {
+        "samples": full.samples,
+        "singular_values": [float(x) for x in s],
+        "first_order_decrease": decrease,  # -dL / d(a^2) at a = 0
+        "amplitude": amplitude,
+        "loss_before": losses[0.0],
+        "loss_after": losses[amplitude],
+        "predicted_loss_after": losses[0.0] - amplitude**2 * decrease,
+    }
+    return new
+
+
+def _channels(ctx, alpha, omega, norm, behind_bn, row_blocks) -> NewChannels:
+    """NewChannels at amplitude 1: fan-in alpha (rescaled to ``norm`` behind a BatchNorm,
+    which normalises it anyway), fan-out omega, new gamma 1."""
+    producer_name = ctx.group.producers[0]
+    w = ctx.modules[producer_name].weight
+    rows = alpha.T
+    if behind_bn:
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300) * norm
+    new = NewChannels(
+        fan_in={producer_name: rows.to(w.dtype).reshape(ctx.fan_in_shape(producer_name))},
+        fan_out=fan_out_from_columns(ctx, row_blocks, omega),
+    )
+    if behind_bn:
+        start_batchnorm(ctx, new, 1.0)
+    return new
+
+
+def _scale(ctx: GrowthContext, new: NewChannels, a: float, behind_bn: bool) -> None:
+    """Amplitude a on both sides: fan-out x a, and the new gamma (or the fan-in) x a."""
+    for name in new.fan_out:
+        new.fan_out[name] = new.fan_out[name] * a
+    if behind_bn:
+        key = next(k for k in new.new_values if k[1] == "weight")
+        new.new_values[key] = new.new_values[key] * a
+    else:
+        for name in new.fan_in:
+            new.fan_in[name] = new.fan_in[name] * a
+
+
+def _line_search(ctx, new, omega, behind_bn) -> tuple[float, dict[float, float]]:
+    """The amplitude that minimises the real training-mode loss on the growth batch, on a
+    grid of factors of 2 in a^2 up to the scale where a new unit weighs as much as an existing
+    one (fan-out norm x gamma = the mean fan-out norm; larger amplitudes fit the one growth
+    batch, not the data). 0 (no change) competes too; when it wins the smallest amplitude is
+    used, so the units are still added, nearly off."""
+    data = list(batches(ctx.data, int(ctx.options.get("max_samples", 512))))
+    probe = grown_copy(ctx, new, data[0][0])
+    if "amplitude" in ctx.options:
+        grid = [float(ctx.options["amplitude"])]
+    else:
+        col_norm = float(omega.norm(dim=0).mean().clamp_min(1e-30))
+        ref = math.sqrt(existing_fan_out_norm(ctx) / col_norm)
+        grid = [ref * 2 ** (j / 2) for j in range(-16, 1)]  # a^2 from 2^-16 to 1 unit
+    originals = {n: t.detach().clone() for n, t in _new_slices(ctx, probe, behind_bn).items()}
+    losses = {}
+    with torch.no_grad(), buffers_restored(probe):
+        for a in [0.0, *grid]:
+            for name, t in _new_slices(ctx, probe, behind_bn).items():
+                t.copy_(originals[name] * a)
+            losses[a] = _loss(probe, data, ctx.loss_fn)
+    best = min(losses, key=losses.get)
+    if best == 0.0 and "amplitude" not in ctx.options:
+        best = grid[0]  # grow all the same, as gently as the grid allows
+    return best, losses
+
+
+def _new_slices(ctx, probe, behind_bn) -> dict[str, torch.Tensor]:
+    """Views of the grown probe's new fan-out columns and new gamma (or fan-in rows)."""
+    slices = {}
+    for m in ctx.group.members:
+        module = probe.get_submodule(m.module)
+        if m.role == CONSUMER:
+            count = ctx.k * m.multiplicity
+            slices[m.module] = module.weight.data.narrow(1, m.stop, count)
+    if behind_bn:
+        bn_name, _ = group_batchnorm(ctx)
+        slices[bn_name] = probe.get_submodule(bn_name).weight.data[-ctx.k :]
+    else:
+        producer = ctx.group.producers[0]
+        slices[producer] = probe.get_submodule(producer).weight.data[-ctx.k :]
+    return slices
+
+
+def _loss(model: nn.Module, data: list, loss_fn: Any) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in data:
+        total += float(loss_fn(model(x.to(device)), y.to(device))) * len(x)
+        count += len(x)
+    return total / count
