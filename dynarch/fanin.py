@@ -57,14 +57,18 @@ def mean_fan_in_norm(ctx: GrowthContext) -> float:
     return float(w.flatten(1).norm(dim=1).mean())
 
 
-def whitening(cov: torch.Tensor | None, ridge: float) -> torch.Tensor | None:
-    """(S + ridge I)^(-1/2) in float64 (None without a covariance: no BatchNorm)."""
+def whitening(
+    cov: torch.Tensor | None, ridge: float, threshold: float = _EIG_FLOOR
+) -> torch.Tensor | None:
+    """(S + ridge I)^(-1/2) in float64, a pseudo-inverse: directions whose eigenvalue is below
+    ``threshold`` x the largest get 0 (None without a covariance: no BatchNorm)."""
     if cov is None:
         return None
     c = cov.double() + ridge * torch.eye(len(cov), dtype=torch.float64, device=cov.device)
     evals, evecs = torch.linalg.eigh(c)
-    evals = evals.clamp_min(float(evals.max()) * _EIG_FLOOR)
-    return (evecs * evals.rsqrt()) @ evecs.T
+    keep = evals > float(evals.max()) * threshold
+    inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+    return (evecs * inv_sqrt) @ evecs.T
 
 
 def best_directions(
@@ -139,7 +143,7 @@ def closed_form(ctx: GrowthContext) -> tuple[NewChannels, GradientStats]:
         bn = norm_info[1]
         gamma = float(opts.get("bn_gamma", 1.0)) * float(bn.weight.detach().abs().mean())
         eps = float(bn.eps)
-    white = whitening(stats.cov, eps / norm**2)
+    white = whitening(stats.cov, eps / norm**2, float(opts.get("threshold", _EIG_FLOOR)))
     cols, _, info = best_directions(stats.matrix, white, ctx.k)
     if behind_bn:
         # After BatchNorm (beta 0) a ReLU gives ~gamma (0.40 + 0.5 x_hat): the mean part adds

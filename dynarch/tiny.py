@@ -2,22 +2,25 @@
 new neurons that carry what the existing weights cannot express.
 
 The consumer's *desired update* is V = -dL/dz (its pre-activation gradient). The best change
-of the consumer's own weights explains the part ``dW* p`` of V (least squares on its input
-patches p); the rest, V_proj, is the expressivity bottleneck. k new neurons with fan-in alpha
-and fan-out omega add ``omega (alpha^T q)`` (q: the producer's input patches, linearised
-activation); the rank-k least-squares fit of V_proj is the top-k SVD of
-``N S^(-1/2)`` with N the matrix M of :mod:`dynarch.gradmax` built from -V_proj... i.e. the
-fan-in ``alpha_k = S^(-1/2) u_k`` (unit-variance pre-activation) and the fan-out
-``omega_k = sigma_k v_k``. Adding them with amplitude a (on both sides) changes the loss by
-``-a^2 sum_k omega_k^T N_full alpha_k`` to first order; a line search on the real loss picks
-a. Behind a BatchNorm q is centred and S is its covariance (the new channel is normalised),
-the amplitude sits on the new gamma and the fan-in is stored at the layer's mean fan-in norm.
-Not function preserving by design: the record says what the loss did.
+of the consumer's own weights (and bias) explains the part ``dW* p`` of V (least squares on its
+input patches p); the rest, V_proj, is the expressivity bottleneck. k new neurons with fan-in
+alpha and fan-out omega add ``omega (alpha^T q)`` (q: the producer's input patches,
+linearised activation), and the rank-k least-squares fit of V_proj under unit-variance
+pre-activations (alpha^T S alpha = 1) is the top-k SVD of ``N S^(-1/2) = sum sigma v u^T``,
+N = M of :mod:`dynarch.gradmax` built from V_proj: ``alpha_k = S^(-1/2) u_k``,
+``omega_k = sigma_k v_k``. Behind a BatchNorm q is centred and S is its covariance.
+
+The new units start at the layer's scale (new gamma = the mean |gamma|; without BatchNorm the
+fan-in at the mean fan-in norm) and an amplitude t scales only the fan-out, t = 1 being a
+mean fan-out as large as the existing units' one; t is chosen by a line search on the real loss
+of the growth batch. To first order the loss changes by ``-t * first_order_decrease``. (The
+paper puts the amplitude on both sides; as the gradients shrink during training that makes the
+new units' scale explode, measured on digits: the fan-in side reached 1e13.) Not function
+preserving by design: the record says what the loss did.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -113,7 +116,7 @@ def tiny_init(ctx: GrowthContext) -> NewChannels:
         ridge = float(norm_info[1].eps) / norm**2
     else:
         ridge = _PRODUCER_RIDGE * float(full.cov.diagonal().mean().clamp_min(1e-30))
-    white = whitening(full.cov, ridge)
+    white = whitening(full.cov, ridge, float(ctx.options.get("threshold", 1e-3)))
     n_proj = -proj.matrix.double()  # rows: fan-out entries; columns: fan-in entries
     v, s = top_singular_vectors(n_proj @ white, min(ctx.k, *n_proj.shape))
     right = (white @ n_proj.T @ v) / s.clamp_min(1e-300)  # right singular vectors
@@ -123,94 +126,71 @@ def tiny_init(ctx: GrowthContext) -> NewChannels:
         v = torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1)
         s = torch.cat([s, s.new_zeros(pad)])
         u = torch.cat([u, white @ torch.randn(u.shape[0], pad, dtype=u.dtype, device=u.device)], 1)
-    omega = v * s  # (fan-out entries, k)
-    decrease = float(((-full.matrix.double()) @ u * omega).sum())
-    new = _channels(ctx, u, omega, norm, behind_bn, full.row_blocks)
-    amplitude, losses = _line_search(ctx, new, omega, behind_bn)
-    _scale(ctx, new, amplitude, behind_bn)
+    omega = v * s  # (fan-out entries, k); at t = 1 their mean norm is the existing units'
+    omega *= existing_fan_out_norm(ctx) / float(omega.norm(dim=0).mean().clamp_min(1e-30))
+    new, gains = _channels(ctx, u, omega, norm, behind_bn, full.row_blocks)
+    decrease = float(((-full.matrix.double()) @ (u * gains) * omega).sum())
+    amplitude, losses = _line_search(ctx, new)
+    for name in new.fan_out:
+        new.fan_out[name] = new.fan_out[name] * amplitude
     new.info |= {
         "samples": full.samples,
         "singular_values": [float(x) for x in s],
-        "first_order_decrease": decrease,  # -dL / d(a^2) at a = 0
+        "first_order_decrease": decrease,  # -dL/dt at t = 0
         "amplitude": amplitude,
         "loss_before": losses[0.0],
         "loss_after": losses[amplitude],
-        "predicted_loss_after": losses[0.0] - amplitude**2 * decrease,
+        "predicted_loss_after": losses[0.0] - amplitude * decrease,
     }
     return new
 
 
-def _channels(ctx, alpha, omega, norm, behind_bn, row_blocks) -> NewChannels:
-    """NewChannels at amplitude 1: fan-in alpha (rescaled to ``norm`` behind a BatchNorm,
-    which normalises it anyway), fan-out omega, new gamma 1."""
+def _channels(ctx, alpha, omega, norm, behind_bn, row_blocks) -> tuple[NewChannels, torch.Tensor]:
+    """NewChannels with fan-in alpha at the layer's scale and fan-out omega, and each unit's
+    activation per unit of alpha^T q (the gain: gamma behind a BatchNorm, which normalises
+    alpha^T q to unit variance; the fan-in's rescaling without one)."""
     producer_name = ctx.group.producers[0]
     w = ctx.modules[producer_name].weight
-    rows = alpha.T
-    if behind_bn:
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300) * norm
+    lengths = alpha.norm(dim=0).clamp_min(1e-300)
+    rows = alpha.T / lengths[:, None] * norm
     new = NewChannels(
         fan_in={producer_name: rows.to(w.dtype).reshape(ctx.fan_in_shape(producer_name))},
         fan_out=fan_out_from_columns(ctx, row_blocks, omega),
     )
     if behind_bn:
-        start_batchnorm(ctx, new, 1.0)
-    return new
+        gamma = float(group_batchnorm(ctx)[1].weight.detach().abs().mean())
+        start_batchnorm(ctx, new, gamma)
+        return new, torch.full_like(lengths, gamma)
+    return new, norm / lengths
 
 
-def _scale(ctx: GrowthContext, new: NewChannels, a: float, behind_bn: bool) -> None:
-    """Amplitude a on both sides: fan-out x a, and the new gamma (or the fan-in) x a."""
-    for name in new.fan_out:
-        new.fan_out[name] = new.fan_out[name] * a
-    if behind_bn:
-        key = next(k for k in new.new_values if k[1] == "weight")
-        new.new_values[key] = new.new_values[key] * a
-    else:
-        for name in new.fan_in:
-            new.fan_in[name] = new.fan_in[name] * a
-
-
-def _line_search(ctx, new, omega, behind_bn) -> tuple[float, dict[float, float]]:
-    """The amplitude that minimises the real training-mode loss on the growth batch, on a
-    grid of factors of 2 in a^2 up to the scale where a new unit weighs as much as an existing
-    one (fan-out norm x gamma = the mean fan-out norm; larger amplitudes fit the one growth
-    batch, not the data). 0 (no change) competes too; when it wins the smallest amplitude is
-    used, so the units are still added, nearly off."""
+def _line_search(ctx: GrowthContext, new: NewChannels) -> tuple[float, dict[float, float]]:
+    """The fan-out amplitude t that minimises the real training-mode loss on the growth batch,
+    on a grid of factors of sqrt(2) from 2^-12 to 1 (larger new fan-outs than the existing
+    ones fit the one growth batch, not the data). t = 0 (no change) competes too; when it wins
+    the smallest t is used, so the units are still added, nearly off."""
     data = list(batches(ctx.data, int(ctx.options.get("max_samples", 512))))
     probe = grown_copy(ctx, new, data[0][0])
-    if "amplitude" in ctx.options:
-        grid = [float(ctx.options["amplitude"])]
-    else:
-        col_norm = float(omega.norm(dim=0).mean().clamp_min(1e-30))
-        ref = math.sqrt(existing_fan_out_norm(ctx) / col_norm)
-        grid = [ref * 2 ** (j / 2) for j in range(-16, 1)]  # a^2 from 2^-16 to 1 unit
-    originals = {n: t.detach().clone() for n, t in _new_slices(ctx, probe, behind_bn).items()}
+    fixed = "amplitude" in ctx.options
+    grid = [float(ctx.options["amplitude"])] if fixed else [2 ** (-j / 2) for j in range(25)]
+    slices = {
+        m.module: probe.get_submodule(m.module).weight.data.narrow(
+            1, m.stop, ctx.k * m.multiplicity
+        )
+        for m in ctx.group.members
+        if m.role == CONSUMER
+    }
+    originals = {name: t.clone() for name, t in slices.items()}
     losses = {}
     with torch.no_grad(), buffers_restored(probe):
         for a in [0.0, *grid]:
-            for name, t in _new_slices(ctx, probe, behind_bn).items():
+            for name, t in slices.items():
                 t.copy_(originals[name] * a)
             losses[a] = _loss(probe, data, ctx.loss_fn)
     best = min(losses, key=losses.get)
-    if best == 0.0 and "amplitude" not in ctx.options:
-        best = grid[0]  # grow all the same, as gently as the grid allows
+    if best == 0.0 and not fixed:
+        best = grid[-1]  # grow all the same, as gently as the grid allows
     return best, losses
-
-
-def _new_slices(ctx, probe, behind_bn) -> dict[str, torch.Tensor]:
-    """Views of the grown probe's new fan-out columns and new gamma (or fan-in rows)."""
-    slices = {}
-    for m in ctx.group.members:
-        module = probe.get_submodule(m.module)
-        if m.role == CONSUMER:
-            count = ctx.k * m.multiplicity
-            slices[m.module] = module.weight.data.narrow(1, m.stop, count)
-    if behind_bn:
-        bn_name, _ = group_batchnorm(ctx)
-        slices[bn_name] = probe.get_submodule(bn_name).weight.data[-ctx.k :]
-    else:
-        producer = ctx.group.producers[0]
-        slices[producer] = probe.get_submodule(producer).weight.data[-ctx.k :]
-    return slices
 
 
 def _loss(model: nn.Module, data: list, loss_fn: Any) -> float:
