@@ -122,8 +122,11 @@ def zeros_baseline(
     return statistics.median(values)
 
 
-def closed_form(ctx: GrowthContext) -> tuple[NewChannels, GradientStats]:
-    """The fan-in rows of ``gradmax_fanin`` and the statistics they came from."""
+def closed_form(
+    ctx: GrowthContext, running_stats: bool = True
+) -> tuple[NewChannels, GradientStats]:
+    """The fan-in rows of ``gradmax_fanin`` and the statistics they came from; new BatchNorm
+    running statistics are measured only with ``running_stats`` (a forward pass)."""
     opts = ctx.options
     norm_info = group_batchnorm(ctx)
     behind_bn = norm_info is not None
@@ -166,7 +169,12 @@ def closed_form(ctx: GrowthContext) -> tuple[NewChannels, GradientStats]:
         "zeros_fan_out_grad_norm": zeros_baseline(ctx, stats.matrix, stats.cov, gamma, eps),
     }
     if norm_info is not None:
-        start_batchnorm(ctx, new, gamma)
+        if running_stats:
+            start_batchnorm(ctx, new, gamma)
+        else:  # the gamma alone, for a probe in train mode
+            new.new_values[(norm_info[0], "weight")] = torch.full_like(
+                norm_info[1].weight[: ctx.k], gamma
+            ).detach()
         new.info["bn_gamma"] = gamma
     return new, stats
 
@@ -335,7 +343,7 @@ def gradmax_fanin_opt_init(ctx: GrowthContext) -> NewChannels:
     projected ascent on the real fan-out gradient (ReLU, BatchNorm, pooling exact), the
     reference code's GradMax-Opt with a zero fan-out; the best iterate is kept and the new
     BatchNorm running statistics are measured again for it."""
-    new, _ = closed_form(ctx)
+    new, _ = closed_form(ctx, running_stats=False)
     steps = int(ctx.options.get("steps", 5))
     lr = ctx.options.get("lr")
     rows, values = refine_fan_in(ctx, new, steps, float(lr) if lr else None)

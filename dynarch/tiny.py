@@ -166,13 +166,14 @@ def _channels(ctx, alpha, omega, norm, behind_bn, row_blocks) -> tuple[NewChanne
 
 def _line_search(ctx: GrowthContext, new: NewChannels) -> tuple[float, dict[float, float]]:
     """The fan-out amplitude t that minimises the real training-mode loss on the growth batch,
-    on a grid of factors of sqrt(2) from 2^-12 to 1 (larger new fan-outs than the existing
-    ones fit the one growth batch, not the data). t = 0 (no change) competes too; when it wins
-    the smallest t is used, so the units are still added, nearly off."""
+    among 0 and 2^-j for j = 0..12 (larger new fan-outs than the existing ones fit the one
+    growth batch, not the data). The grid is walked from t = 1 down and stops two points past
+    the best (the loss along the line is taken to be unimodal). When t = 0 wins, the smallest t
+    tried is used: the units are still added, nearly off."""
     data = list(batches(ctx.data, int(ctx.options.get("max_samples", 512))))
     probe = grown_copy(ctx, new, data[0][0])
     fixed = "amplitude" in ctx.options
-    grid = [float(ctx.options["amplitude"])] if fixed else [2 ** (-j / 2) for j in range(25)]
+    grid = [float(ctx.options["amplitude"])] if fixed else [2.0**-j for j in range(13)]
     slices = {
         m.module: probe.get_submodule(m.module).weight.data.narrow(
             1, m.stop, ctx.k * m.multiplicity
@@ -181,15 +182,18 @@ def _line_search(ctx: GrowthContext, new: NewChannels) -> tuple[float, dict[floa
         if m.role == CONSUMER
     }
     originals = {name: t.clone() for name, t in slices.items()}
-    losses = {}
+    losses: dict[float, float] = {}
     with torch.no_grad(), buffers_restored(probe):
         for a in [0.0, *grid]:
             for name, t in slices.items():
                 t.copy_(originals[name] * a)
             losses[a] = _loss(probe, data, ctx.loss_fn)
+            tried = [v for k, v in losses.items() if k > 0]
+            if len(tried) >= 3 and min(tried) < min(tried[-2:]):
+                break
     best = min(losses, key=losses.get)
     if best == 0.0 and not fixed:
-        best = grid[-1]  # grow all the same, as gently as the grid allows
+        best = min(k for k in losses if k > 0)
     return best, losses
 
 
