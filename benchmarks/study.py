@@ -204,20 +204,34 @@ def report(study: str) -> list[dict]:
                 "params": params,
                 "train_flops": flops,
                 "grown": "{:.3f} ± {:.3f}".format(*mean_std(grown)) if grown else "—",
+                "fan_out_grad": _fan_out_grad_cell(runs),
             }
         )
     print(
         "\n| question | arm | seeds | test accuracy (mean ± sd) | final params | training GFLOPs "
-        "| grown units' contribution |"
+        "| grown units' contribution | new fan-out gradient at growth |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['question']} | {r['arm']} | {r['seeds']} | {r['accuracy']:.4f} ± "
             f"{r['accuracy_sd']:.4f} | {r['params']:,.0f} | {r['train_flops'] / 1e9:,.2f} "
-            f"| {r['grown']} |"
+            f"| {r['grown']} | {r['fan_out_grad']} |"
         )
     return rows
+
+
+def fan_out_grad_at_growth(run: Path) -> float | None:
+    """Mean over a run's growths of the real gradient norm of the new units' fan-out on the
+    growth batch (``info["fan_out_grad_norm"]``, recorded for zero fan-out inits)."""
+    events = dynarch.history.open(run).events(kind="grow", info=True).column("info")
+    values = [i["fan_out_grad_norm"] for i in events if "fan_out_grad_norm" in i]
+    return statistics.fmean(values) if values else None
+
+
+def _fan_out_grad_cell(runs: list[Path]) -> str:
+    values = [v for v in map(fan_out_grad_at_growth, runs) if v is not None]
+    return "{:.3f} ± {:.3f}".format(*mean_std(values)) if values else "—"
 
 
 def _spread_labels(rows: list[dict], key: str) -> list[float]:

@@ -349,16 +349,21 @@ class History:
             rows.append((version, step, *(w.get(n) for n in names)))
         return Table(("version", "step", *names), rows)
 
-    def events(self, kind: str | None = None, target: str | None = None) -> Table:
-        """Mutations, oldest first; ``kind`` grow/prune, ``target`` a module or group name."""
+    def events(
+        self, kind: str | None = None, target: str | None = None, info: bool = False
+    ) -> Table:
+        """Mutations, oldest first; ``kind`` grow/prune, ``target`` a module or group name;
+        ``info`` adds the record's info dict (what the initializer measured: fan-in/fan-out
+        gradient norms, output change, TINY's loss change, fallbacks) as a last column."""
         rows = []
         for e in self.reader.events():
             if kind is not None and e["kind"] != kind:
                 continue
             if target is not None and target not in (e["target"], e["grp"]):
                 continue
-            rows.append(tuple(_event_row(e)))
-        return Table(EVENT_COLUMNS, rows)
+            extra = (e["info"],) if info else ()
+            rows.append((*_event_row(e), *extra))
+        return Table(EVENT_COLUMNS + (("info",) if info else ()), rows)
 
     def metrics(self, kind: str | None = None) -> Table:
         """Logged metrics (``eval`` rows: test loss/accuracy; ``train`` rows), extra values as

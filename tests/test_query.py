@@ -187,6 +187,9 @@ def test_events_and_metrics_tables(live: LiveRun) -> None:
     assert prunes.column("width_after") == [5, 5]
     assert h.events(target="features.conv2").column("kind") == ["grow", "prune"]
     assert len(h.events(kind="grow", target="features.conv3")) == 0
+    grown = h.events(kind="grow", info=True)
+    assert grown.columns[-1] == "info" and len(grown.columns) == len(h.events().columns) + 1
+    assert all("output_change" in info for info in grown.column("info"))
     m = h.metrics("eval")
     assert m.column("step") == [4, 8, 12] and "train_loss" in m.columns
     assert m.column("params")[-1] == live.params[-1]
