@@ -217,9 +217,11 @@ def refine_fan_in(
         unit.requires_grad_(True)
         with torch.no_grad():
             weight[first:] = (unit * norm).reshape(weight[first:].shape)
-        value = _fan_out_objective(probe, consumers, data, deltas, weight, first)
-        (grad,) = torch.autograd.grad(value, weight)
-        values.append(float(value.detach().sqrt()))
+        surrogate, value = _fan_out_objective(ctx, probe, consumers, data, deltas, weight, first)
+        (grad,) = torch.autograd.grad(surrogate, weight)
+        if ctx.reduce_sum is not None:  # every process takes the same step
+            grad = ctx.reduce_sum(grad)
+        values.append(value)
         if values[-1] >= max(values):
             best = unit.detach().clone()
         if step == steps:
@@ -279,12 +281,15 @@ def _keep_output(store: dict, key: str):
     return hook
 
 
-def _fan_out_objective(probe, consumers, data, deltas, weight, first) -> torch.Tensor:
-    """||dL/dW_out_new||^2 summed over consumers and averaged over batches (by size), as a
-    differentiable function of the producer's weight."""
-    total: torch.Tensor | None = None
+def _fan_out_objective(
+    ctx, probe, consumers, data, deltas, weight, first
+) -> tuple[torch.Tensor, float]:
+    """The new fan-out's gradient G over all the data (every process's, with ``reduce_sum``):
+    its norm, and a surrogate <G(w), G> whose gradient in the producer's weight is that of
+    ||G||^2 / 2 (G held fixed on the right, so a sum over processes stays exact)."""
     samples = sum(len(x) for x, _ in data)
     device = weight.device
+    grads: dict[int, torch.Tensor] = {}  # per consumer, summed over batches
     for (x, _), batch_deltas in zip(data, deltas, strict=True):
         inputs: dict[str, torch.Tensor] = {}
         hooks = [
@@ -301,14 +306,19 @@ def _fan_out_objective(probe, consumers, data, deltas, weight, first) -> torch.T
         finally:
             for h in hooks:
                 h.remove()
-        for member, delta in zip(consumers, batch_deltas, strict=True):
+        for i, (member, delta) in enumerate(zip(consumers, batch_deltas, strict=True)):
             module = probe.get_submodule(member.module)
             count = (weight.shape[0] - first) * member.multiplicity
-            grad = _weight_grad(module, inputs[member.module], delta, member.stop, count)
-            part = grad.pow(2).sum() * (len(x) / samples)
-            total = part if total is None else total + part
-    assert total is not None
-    return total
+            part = _weight_grad(module, inputs[member.module], delta, member.stop, count)
+            part = part * (len(x) / samples)
+            grads[i] = grads[i] + part if i in grads else part
+    totals = [g.detach() for g in grads.values()]
+    if ctx.reduce_sum is not None:
+        world = ctx.reduce_sum(torch.ones((), device=device))
+        totals = [ctx.reduce_sum(t) / world for t in totals]
+    surrogate = sum((g * t).sum() for g, t in zip(grads.values(), totals, strict=True))
+    value = sum(float(t.pow(2).sum()) for t in totals) ** 0.5
+    return surrogate, value
 
 
 def _stop_when_all_seen(store: dict, key: str, count: int):

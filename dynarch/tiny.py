@@ -187,7 +187,7 @@ def _line_search(ctx: GrowthContext, new: NewChannels) -> tuple[float, dict[floa
         for a in [0.0, *grid]:
             for name, t in slices.items():
                 t.copy_(originals[name] * a)
-            losses[a] = _loss(probe, data, ctx.loss_fn)
+            losses[a] = _loss(probe, data, ctx.loss_fn, ctx.reduce_sum)
             tried = [v for k, v in losses.items() if k > 0]
             if len(tried) >= 3 and min(tried) < min(tried[-2:]):
                 break
@@ -197,10 +197,14 @@ def _line_search(ctx: GrowthContext, new: NewChannels) -> tuple[float, dict[floa
     return best, losses
 
 
-def _loss(model: nn.Module, data: list, loss_fn: Any) -> float:
+def _loss(model: nn.Module, data: list, loss_fn: Any, reduce_sum: Any = None) -> float:
+    """Mean loss over ``data`` (and over every process's data with ``reduce_sum``, so that all
+    processes choose the same amplitude)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in data:
-        total += float(loss_fn(model(x.to(device)), y.to(device))) * len(x)
-        count += len(x)
-    return total / count
+        total[0] += float(loss_fn(model(x.to(device)), y.to(device))) * len(x)
+        total[1] += len(x)
+    if reduce_sum is not None:
+        total = reduce_sum(total)
+    return float(total[0] / total[1])

@@ -122,3 +122,24 @@ def test_slurm_launcher_config_composes() -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == (1, 1, 240)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_two_processes_agree_on_data_driven_inits(tmp_path: Path) -> None:
+    """gradmax_fanin_opt (ascent through a grown copy) and tiny (line search) run under
+    torchrun, on the gradient and losses summed over both processes' batches, and the grown
+    net is the same on both processes."""
+    config = [
+        "data=teacher_student",
+        "trainer.epochs=1",
+        "policy.mutations=["
+        "{step:3,op:grow,target:features.conv2,k:3,init:gradmax_fanin_opt},"
+        "{step:5,op:grow,target:features.conv3,k:3,init:tiny},"
+        "{step:7,op:grow,target:classifier.fc1,k:4,init:tiny}]",
+    ]
+    result = torchrun(tmp_path, "run", *config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "parameters identical on all 2 processes" in result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    methods = [e["method"] for e in HistoryReader(run_dir / "history.db").events()]
+    assert methods == ["gradmax_fanin_opt", "tiny", "tiny"]
