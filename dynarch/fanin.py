@@ -42,9 +42,13 @@ from dynarch.initializers import (
 from dynarch.surgery.grow import grow
 from dynarch.surgery.layers import CONSUMER
 
-# Relative floor of the covariance's eigenvalues, against round-off only (the BatchNorm eps
-# ridge is what regularises); below it a direction is treated as having no variance.
+# Relative floor of the covariance's eigenvalues behind a BatchNorm, against round-off only
+# (the BatchNorm eps ridge is what regularises); below it a direction has no variance.
 _EIG_FLOOR = 1e-12
+# Without a BatchNorm nothing bounds the fan-in of a low-variance direction once it is scaled
+# to a normal activation: directions below 1e-3 of the largest eigenvalue (std < 3 %) are
+# dropped, as for TINY.
+_NO_BN_THRESHOLD = 1e-3
 
 
 # the zero fan-out family falls back to ``zeros`` (random fan-in, zero fan-out): still exact
@@ -57,27 +61,32 @@ def mean_fan_in_norm(ctx: GrowthContext) -> float:
     return float(w.flatten(1).norm(dim=1).mean())
 
 
-def whitening(
-    cov: torch.Tensor | None, ridge: float, threshold: float = _EIG_FLOOR
-) -> torch.Tensor | None:
-    """(S + ridge I)^(-1/2) in float64, a pseudo-inverse: directions whose eigenvalue is below
-    ``threshold`` x the largest get 0 (None without a covariance: no BatchNorm)."""
-    if cov is None:
-        return None
-    c = cov.double() + ridge * torch.eye(len(cov), dtype=torch.float64, device=cov.device)
-    evals, evecs = torch.linalg.eigh(c)
-    keep = evals > float(evals.max()) * threshold
-    inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
-    return (evecs * inv_sqrt) @ evecs.T
+def whitening(stats: GradientStats, ridge: float, threshold: float) -> torch.Tensor:
+    """(S + ridge I)^(-1/2) of the patches' second moment S, in float64, as a pseudo-inverse:
+    directions whose eigenvalue is below ``threshold`` x the largest get 0. With fewer patches
+    than fan-in entries (``stats.rows``) the eigenvectors come from the patches' Gram matrix
+    (S has no other directions with a non-zero eigenvalue), which is far cheaper."""
+    assert stats.cov is not None, "whitening needs gradient_matrix(with_cov=True)"
+    if stats.rows is not None:
+        p = stats.rows  # S = p^T p
+        evals, u = torch.linalg.eigh(p @ p.T)
+        keep = evals > float(evals.max()) * threshold
+        evals, u = evals[keep], u[:, keep]
+        evecs = (p.T @ u) / evals.sqrt()
+    else:
+        evals, evecs = torch.linalg.eigh(stats.cov.double())
+        keep = evals > float(evals.max()) * threshold
+        evals, evecs = evals[keep], evecs[:, keep]
+    return (evecs * (evals + ridge).rsqrt()) @ evecs.T
 
 
 def best_directions(
-    m: torch.Tensor, white: torch.Tensor | None, k: int
+    m: torch.Tensor, white: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(fan_in, k) unit columns maximising ||M w|| / sqrt(w^T C w) (C = whitening^-2, or the
-    identity) and their objective values. The columns are C-orthogonal: the new channels'
-    pre-activations are uncorrelated on the growth batch, not copies of one best unit."""
-    a = m.double() if white is None else m.double() @ white
+    """(fan_in, k) unit columns maximising ||M w|| / sqrt(w^T C w) (C = whitening^-2) and
+    their objective values. The columns are C-orthogonal: the new channels' pre-activations
+    are uncorrelated on the growth batch, not copies of one best unit."""
+    a = m.double() @ white
     u, s = top_singular_vectors(a.T, min(k, a.shape[1]))  # right singular vectors of a
     info: dict[str, Any] = {}
     tol = float(s[0]) * max(a.shape) * torch.finfo(torch.float32).eps if len(s) else 0.0
@@ -87,7 +96,7 @@ def best_directions(
         info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
         u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], k - rank)], dim=1)
         s = torch.cat([s[:rank], s.new_zeros(k - rank)])
-    w = u if white is None else white @ u
+    w = white @ u
     return w / w.norm(dim=0, keepdim=True).clamp_min(1e-300), s, info
 
 
@@ -105,13 +114,16 @@ def fan_out_gradients(
 
 
 def zeros_baseline(
-    ctx: GrowthContext, m: torch.Tensor, cov: torch.Tensor | None, gamma: float, eps: float
+    ctx: GrowthContext,
+    m: torch.Tensor,
+    cov: torch.Tensor | None,
+    gamma: float,
+    eps: float,
+    norm: float,
 ) -> float:
     """What ``zeros`` growth would get on the same linearisation: the median over 8 draws of
-    its random fan-ins (rescaled to the same norm) of the new fan-out's gradient norm."""
-    producer = ctx.modules[ctx.group.producers[0]]
-    w = producer.weight.detach()
-    norm = mean_fan_in_norm(ctx)
+    its random fan-ins (rescaled to the fan-in norm ``norm``) of the new fan-out's gradient."""
+    w = ctx.modules[ctx.group.producers[0]].weight.detach()
     gen = torch.Generator(device=w.device).manual_seed(0)  # leaves the global RNG alone
     values = []
     for _ in range(8):
@@ -134,27 +146,18 @@ def closed_form(
         ctx,
         int(opts.get("max_samples", 512)),
         centre=behind_bn,
-        with_cov=behind_bn,
+        with_cov=True,
         mean_column=behind_bn,
     )
-    if behind_bn:  # the last column: what a constant activation adds to the fan-out gradient
-        mean_grad, stats.matrix = stats.matrix[:, -1], stats.matrix[:, :-1]
     producer_name = ctx.group.producers[0]
-    norm = float(opts.get("norm") or mean_fan_in_norm(ctx))
-    gamma, eps = 1.0, 0.0
-    if norm_info is not None:
-        bn = norm_info[1]
-        gamma = float(opts.get("bn_gamma", 1.0)) * float(bn.weight.detach().abs().mean())
-        eps = float(bn.eps)
-    white = whitening(stats.cov, eps / norm**2, float(opts.get("threshold", _EIG_FLOOR)))
-    cols, _, info = best_directions(stats.matrix, white, ctx.k)
     if behind_bn:
-        # After BatchNorm (beta 0) a ReLU gives ~gamma (0.40 + 0.5 x_hat): the mean part adds
-        # gamma 0.40 mean_grad to every unit's fan-out gradient, whatever its fan-in. w and -w
-        # are equal to the linearisation; the sign whose gradient adds to that part is larger.
-        align = mean_grad.double() @ (stats.matrix.double() @ cols)
-        cols = cols * torch.where(align < 0, -1.0, 1.0).to(cols.dtype)
-    rows = (cols.T * norm).to(ctx.modules[producer_name].weight.dtype)
+        # the last column: what a constant activation adds to the fan-out gradient
+        mean_grad, stats.matrix = stats.matrix[:, -1], stats.matrix[:, :-1]
+        rows, gamma, eps, info = _rows_behind_batchnorm(ctx, stats, norm_info[1], mean_grad)
+    else:
+        rows, info = _rows_without_batchnorm(ctx, stats)
+        gamma, eps = 1.0, 0.0
+    rows = rows.to(ctx.modules[producer_name].weight.dtype)
     new = NewChannels(
         fan_in={producer_name: rows.reshape(ctx.fan_in_shape(producer_name))},
         fan_out={
@@ -162,13 +165,17 @@ def closed_form(
         },
         info=info,
     )
-    predicted = fan_out_gradients(stats.matrix, stats.cov, rows, gamma, eps)
+    norm_cov = stats.cov if behind_bn else None  # what the activation is normalised by
+    predicted = fan_out_gradients(stats.matrix, norm_cov, rows, gamma, eps)
+    row_norm = float(rows.norm(dim=1).mean())
     new.info |= {
         "samples": stats.samples,
         "predicted_fan_out_grad_norm": float(predicted.norm()),
-        "zeros_fan_out_grad_norm": zeros_baseline(ctx, stats.matrix, stats.cov, gamma, eps),
+        "zeros_fan_out_grad_norm": zeros_baseline(
+            ctx, stats.matrix, norm_cov, gamma, eps, row_norm
+        ),
     }
-    if norm_info is not None:
+    if behind_bn:
         if running_stats:
             start_batchnorm(ctx, new, gamma)
         else:  # the gamma alone, for a probe in train mode
@@ -177,6 +184,43 @@ def closed_form(
             ).detach()
         new.info["bn_gamma"] = gamma
     return new, stats
+
+
+def _rows_behind_batchnorm(
+    ctx: GrowthContext, stats: GradientStats, bn: nn.Module, mean_grad: torch.Tensor
+) -> tuple[torch.Tensor, float, float, dict[str, Any]]:
+    """Generalised eigenvectors of (M_c^T M_c, S_c + eps/c^2) at the mean fan-in norm c; the
+    new gamma (``bn_gamma`` x the mean |gamma|) and BatchNorm's eps."""
+    opts = ctx.options
+    norm = float(opts.get("norm") or mean_fan_in_norm(ctx))
+    gamma = float(opts.get("bn_gamma", 1.0)) * float(bn.weight.detach().abs().mean())
+    eps = float(bn.eps)
+    white = whitening(stats, eps / norm**2, float(opts.get("threshold", _EIG_FLOOR)))
+    cols, _, info = best_directions(stats.matrix, white, ctx.k)
+    # After BatchNorm (beta 0) a ReLU gives ~gamma (0.40 + 0.5 x_hat): the mean part adds
+    # gamma 0.40 mean_grad to every unit's fan-out gradient, whatever its fan-in. w and -w
+    # are equal to the linearisation; the sign whose gradient adds to that part is larger.
+    align = mean_grad.double() @ (stats.matrix.double() @ cols)
+    cols = cols * torch.where(align < 0, -1.0, 1.0).to(cols.dtype)
+    return cols.T * norm, gamma, eps, info
+
+
+def _rows_without_batchnorm(
+    ctx: GrowthContext, stats: GradientStats
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Generalised eigenvectors of (M^T M, S) (S: the patches' second moment), each scaled so
+    that its pre-activation has the existing units' mean RMS: at a fixed activation scale, the
+    largest fan-out gradient. (At a fixed weight norm the plain right singular vectors of M
+    pick the inputs' largest directions instead, units several times louder than their
+    neighbours whose first SGD steps set back training: docs/gradmax.md.)"""
+    threshold = float(ctx.options.get("threshold", _NO_BN_THRESHOLD))
+    white = whitening(stats, 0.0, threshold)
+    cols, _, info = best_directions(stats.matrix, white, ctx.k)
+    cov = stats.cov.double()
+    w = ctx.modules[ctx.group.producers[0]].weight.detach().flatten(1).double()
+    target = ((w @ cov) * w).sum(1).clamp_min(0).sqrt().mean()  # existing units' RMS
+    rms = ((cols.T @ cov) * cols.T).sum(1).clamp_min(1e-300).sqrt()
+    return cols.T * (target / rms)[:, None], info
 
 
 @register_initializer("gradmax_fanin")

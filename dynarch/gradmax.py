@@ -56,6 +56,10 @@ class GradientStats:
     # (fan_in, fan_in) second moment of the producer's patches over samples and positions
     # (per-batch centred with ``centre=True``); only with ``with_cov=True``
     cov: torch.Tensor | None = None
+    # the patches themselves (one row per sample and position, cov = rows^T rows / len) when
+    # there are fewer rows than fan-in entries and one process: their Gram is the cheap way to
+    # the covariance's eigenvectors (fc1 of a VGG: 128 rows, 4096 entries)
+    rows: torch.Tensor | None = None
 
 
 def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,6 +120,7 @@ def gradient_matrix(
     hooks += [c.register_forward_hook(_capture(captured, name)) for name, c in consumers.items()]
     blocks: dict[str, torch.Tensor] = {}
     cov: torch.Tensor | None = None
+    kept: list[torch.Tensor] | None = [] if with_cov and ctx.reduce_sum is None else None
     samples = 0
     device = producer.weight.device
     try:
@@ -135,6 +140,10 @@ def gradient_matrix(
                     flat = cols.movedim(1, -1).reshape(-1, cols.shape[1])
                     part = (flat.T @ flat).double() * (len(x) / len(flat))
                     cov = part if cov is None else cov + part
+                    if kept is not None:
+                        kept.append(flat * (len(x) / len(flat)) ** 0.5)
+                        if sum(map(len, kept)) >= flat.shape[1]:
+                            kept = None  # the covariance is the smaller side
                 if mean_column:
                     cols = torch.cat([cols, torch.ones_like(cols[:, :1])], dim=1)
                 for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
@@ -176,7 +185,8 @@ def gradient_matrix(
         row_blocks[name] = (offset, offset + block.shape[0])
         offset += block.shape[0]
     cov = cov / samples if cov is not None else None
-    return GradientStats(torch.cat(rows), row_blocks, samples, cov)
+    patches = torch.cat(kept).double() / samples**0.5 if kept else None
+    return GradientStats(torch.cat(rows), row_blocks, samples, cov, patches)
 
 
 def _capture(store: dict[str, Any], key: str):

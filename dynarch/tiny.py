@@ -48,40 +48,64 @@ from dynarch.surgery.layers import CONSUMER
 # Ridge of the consumer's input second moment, relative to its mean diagonal: dead inputs
 # (a ReLU channel that is zero on the batch) make it singular.
 _CONSUMER_RIDGE = 1e-4
-# Relative ridge of the producer patches' second moment without BatchNorm.
-_PRODUCER_RIDGE = 1e-6
 
 
 class _ConsumerFit:
-    """The least-squares best update of each consumer's own weights, dW* = G S^-1, from sums
-    over the growth batch of its input patches' second moment S and weight gradient G."""
+    """The least-squares best update of each consumer's own weights, dW* = G (S + rI)^-1, from
+    sums over the growth batch of its input patches' second moment S and weight gradient G.
+    With fewer patch rows than fan-in entries (fc1 after a flatten: 128 rows, 4096 entries)
+    the solve goes through the rows' Gram matrix (Woodbury) instead of S."""
 
     def __init__(self) -> None:
         self.moment: dict[str, torch.Tensor] = {}
         self.grad: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor] | None] = {}
         self.solution: dict[str, torch.Tensor] = {}
 
     def collect(self, name: str, consumer: nn.Module, inp: torch.Tensor, delta: torch.Tensor):
-        p = _patches(consumer, inp)  # (rows, fan_in (+1 for a bias))
-        d = delta.movedim(1, -1).reshape(len(p), -1) * len(inp)  # per-sample gradients
-        self.moment[name] = self.moment.get(name, 0) + (p.T @ p).double()
-        self.grad[name] = self.grad.get(name, 0) + (d.T @ p).double()
+        p = _patches(consumer, inp).double()  # (rows, fan_in (+1 for a bias))
+        d = delta.movedim(1, -1).reshape(len(p), -1).double() * len(inp)  # per-sample grads
+        self.grad[name] = self.grad.get(name, 0) + d.T @ p
+        rows = self.rows.setdefault(name, [])
+        if rows is None:
+            self.moment[name] += p.T @ p
+            return delta
+        rows.append(p)
+        if sum(map(len, rows)) >= p.shape[1]:  # from now on the moment is the smaller side
+            self.moment[name] = sum(r.T @ r for r in rows)
+            self.rows[name] = None
         return delta
 
     def solve(self, reduce_sum=None) -> None:
-        for name, s in self.moment.items():
-            g = self.grad[name]
-            if reduce_sum is not None:
-                s, g = reduce_sum(s), reduce_sum(g)
-            ridge = _CONSUMER_RIDGE * float(s.diagonal().mean().clamp_min(1e-30))
-            eye = torch.eye(len(s), dtype=s.dtype, device=s.device)
-            self.solution[name] = torch.linalg.solve(s + ridge * eye, g.T).T  # (out, fan_in)
+        for name, g in self.grad.items():
+            rows = self.rows[name]
+            if reduce_sum is not None:  # other processes' rows are not here: sum the moments
+                moment = self.moment[name] if rows is None else sum(r.T @ r for r in rows)
+                self.solution[name] = _ridge_solve(reduce_sum(moment), reduce_sum(g))
+            elif rows is None:
+                self.solution[name] = _ridge_solve(self.moment[name], g)
+            else:
+                self.solution[name] = _woodbury_solve(torch.cat(rows), g)
 
     def project(self, name: str, consumer: nn.Module, inp: torch.Tensor, delta: torch.Tensor):
         """delta minus what dW* explains: the bottleneck, in the units of ``delta``."""
         p = _patches(consumer, inp)
         explained = (p.double() @ self.solution[name].T).to(delta.dtype) / len(inp)
         return delta - explained.reshape(delta.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def _ridge_solve(moment: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g (S + rI)^-1, r = the relative ridge x S's mean diagonal."""
+    ridge = _CONSUMER_RIDGE * float(moment.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
+    return torch.linalg.solve(moment + ridge * eye, g.T).T
+
+
+def _woodbury_solve(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g (p^T p + rI)^-1 through the (rows x rows) Gram: (g^T - p^T (p p^T + rI)^-1 p g^T)/r."""
+    ridge = _CONSUMER_RIDGE * max(float(p.pow(2).sum()) / p.shape[1], 1e-30)
+    gram = p @ p.T + ridge * torch.eye(len(p), dtype=p.dtype, device=p.device)
+    return ((g.T - p.T @ torch.linalg.solve(gram, p @ g.T)) / ridge).T
 
 
 def _patches(consumer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
@@ -112,11 +136,8 @@ def tiny_init(ctx: GrowthContext) -> NewChannels:
     fit.solve(ctx.reduce_sum)
     proj = gradient_matrix(ctx, max_samples, centre=behind_bn, delta_map=fit.project)
     norm = mean_fan_in_norm(ctx)
-    if behind_bn:
-        ridge = float(norm_info[1].eps) / norm**2
-    else:
-        ridge = _PRODUCER_RIDGE * float(full.cov.diagonal().mean().clamp_min(1e-30))
-    white = whitening(full.cov, ridge, float(ctx.options.get("threshold", 1e-3)))
+    ridge = float(norm_info[1].eps) / norm**2 if behind_bn else 0.0
+    white = whitening(full, ridge, float(ctx.options.get("threshold", 1e-3)))
     n_proj = -proj.matrix.double()  # rows: fan-out entries; columns: fan-in entries
     v, s = top_singular_vectors(n_proj @ white, min(ctx.k, *n_proj.shape))
     right = (white @ n_proj.T @ v) / s.clamp_min(1e-300)  # right singular vectors

@@ -197,14 +197,18 @@ def test_residual_stream_falls_back_to_zeros_and_says_why() -> None:
     assert model.layer2[0].conv1.weight[:, -4:].abs().sum() == 0  # zero fan-out
 
 
-def test_without_batchnorm_rows_are_the_right_singular_vectors_of_m() -> None:
+def test_without_batchnorm_rows_are_generalised_eigenvectors_at_the_units_rms() -> None:
+    """fc1 (no BatchNorm): the rows maximise ||M w|| at a fixed activation RMS, i.e. they are
+    w = S^+ M^T c with c the top eigenvectors of M S^+ M^T (S: fc1's input second moment,
+    pseudo-inverse with the same 1e-3 cut), each scaled to the existing units' mean RMS."""
     model, x = build("vgg_small")
+    gen = torch.Generator().manual_seed(5)
+    x = x.repeat(16, 1, 1, 1) + 0.5 * torch.randn(32, *x.shape[1:], generator=gen)
     y = torch.arange(len(x)) % 10
     m = copy.deepcopy(model)
     rec = dynarch.grow(
         m, "classifier.fc1", 2, init="gradmax_fanin", data=(x, y), loss_fn=nn.CrossEntropyLoss()
     )
-    # M for fc1 -> fc2: sum_b delta_fc2[b] (x) input_fc1[b] / B, built here by hand
     store = {}
 
     def keep(key, value):
@@ -218,12 +222,33 @@ def test_without_batchnorm_rows_are_the_right_singular_vectors_of_m() -> None:
     for h in hooks:
         h.remove()
     (delta,) = torch.autograd.grad(loss, store["out"])
-    mat = (delta.T @ store["in"]).double()
-    _, s, vh = torch.linalg.svd(mat)
+    inputs = store["in"].detach().double()
+    mat = delta.double().T @ inputs  # M for fc1 -> fc2, by hand
+    moment = inputs.T @ inputs / len(inputs)
+    pinv = torch.linalg.pinv(moment, rtol=1e-3, hermitian=True)
+    evals, evecs = torch.linalg.eigh(mat @ pinv @ mat.T)
+    expected = pinv @ mat.T @ evecs[:, -2:]
     rows = m.classifier.fc1.weight[-2:].detach().double()
-    q = vh[:2].T
+    q, _ = torch.linalg.qr(expected)
     assert float((rows.T - q @ (q.T @ rows.T)).norm() / rows.norm()) < 1e-4
+    rms = ((rows @ moment) * rows).sum(1).sqrt()
+    old = model.classifier.fc1.weight.detach().double()
+    target = ((old @ moment) * old).sum(1).sqrt().mean()
+    torch.testing.assert_close(rms, torch.full((2,), float(target), dtype=torch.float64))
     assert rec.info["predicted_fan_out_grad_norm"] > rec.info["zeros_fan_out_grad_norm"]
+
+
+def test_whitening_from_few_patches_equals_the_covariance_route() -> None:
+    from dynarch.fanin import whitening
+    from dynarch.gradmax import GradientStats
+
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(12, 40, generator=gen, dtype=torch.float64)
+    cov = patches.T @ patches
+    few = GradientStats(torch.zeros(1, 40), {}, 12, cov, patches)
+    full = GradientStats(torch.zeros(1, 40), {}, 12, cov, None)
+    for ridge in (0.0, 1e-3):
+        torch.testing.assert_close(whitening(few, ridge, 1e-6), whitening(full, ridge, 1e-6))
 
 
 def test_opt_refines_the_real_fan_out_gradient_and_keeps_the_function() -> None:
