@@ -217,10 +217,14 @@ def _rows_without_batchnorm(
     white = whitening(stats, 0.0, threshold)
     cols, _, info = best_directions(stats.matrix, white, ctx.k)
     cov = stats.cov.double()
-    w = ctx.modules[ctx.group.producers[0]].weight.detach().flatten(1).double()
-    target = ((w @ cov) * w).sum(1).clamp_min(0).sqrt().mean()  # existing units' RMS
     rms = ((cols.T @ cov) * cols.T).sum(1).clamp_min(1e-300).sqrt()
-    return cols.T * (target / rms)[:, None], info
+    return cols.T * (existing_rms(ctx, cov) / rms)[:, None], info
+
+
+def existing_rms(ctx: GrowthContext, cov: torch.Tensor) -> float:
+    """The existing units' mean pre-activation RMS, sqrt(w^T S w), S the patches' moment."""
+    w = ctx.modules[ctx.group.producers[0]].weight.detach().flatten(1).double()
+    return float(((w @ cov.double()) * w).sum(1).clamp_min(0).sqrt().mean())
 
 
 @register_initializer("gradmax_fanin")
@@ -238,14 +242,20 @@ class _Reached(Exception):
 
 
 def refine_fan_in(
-    ctx: GrowthContext, new: NewChannels, steps: int, lr: float | None
+    ctx: GrowthContext,
+    new: NewChannels,
+    steps: int,
+    lr: float | None,
+    scale: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, list[float]]:
     """Projected gradient ascent on the new fan-in rows of the real fan-out gradient
     ||dL/dW_out_new||, through a grown copy of the model in train mode (ReLU, BatchNorm and
-    pooling exact). The consumers' output gradients do not depend on the new fan-in (their new
-    fan-out is zero), so they are taken once; each step then runs the forward only up to the
-    last consumer and back through the new channels. Returns the best rows and the objective
-    at every step (the first is the closed form's)."""
+    pooling exact). The ascent moves unit-norm rows; ``scale`` (differentiable) turns them into
+    fan-in rows (a fixed norm behind a BatchNorm, a fixed activation RMS without one). The
+    consumers' output gradients do not depend on the new fan-in (their new fan-out is zero), so
+    they are taken once; each step then runs the forward only up to the last consumer and back
+    through the new channels. Returns the best rows and the objective at every step (the
+    first is the closed form's)."""
     producer_name = ctx.group.producers[0]
     data = [(x, y) for x, y in batches(ctx.data, int(ctx.options.get("max_samples", 512)))]
     probe = grown_copy(ctx, new, data[0][0])
@@ -253,30 +263,33 @@ def refine_fan_in(
     first = ctx.modules[producer_name].weight.shape[0]
     consumers = [m for m in ctx.group.members if m.role == CONSUMER]
     deltas = [_consumer_deltas(probe, consumers, x, y, ctx.loss_fn) for x, y in data]
-    norm = float(new.fan_in[producer_name].flatten(1).norm(dim=1).mean())
-    unit = (new.fan_in[producer_name].flatten(1) / norm).detach().clone()
+    start = new.fan_in[producer_name].flatten(1).double()
+    unit = (start / start.norm(dim=1, keepdim=True)).clone()
     optimizer = torch.optim.Adam([unit], lr=lr or 0.1 / unit.shape[1] ** 0.5)
-    best, values = unit.clone(), []
+    best, values = unit.detach().clone(), []
     for step in range(steps + 1):
         unit.requires_grad_(True)
+        rows = scale(unit)
         with torch.no_grad():
-            weight[first:] = (unit * norm).reshape(weight[first:].shape)
+            weight[first:] = rows.reshape(weight[first:].shape).to(weight.dtype)
         surrogate, value = _fan_out_objective(ctx, probe, consumers, data, deltas, weight, first)
         (grad,) = torch.autograd.grad(surrogate, weight)
         if ctx.reduce_sum is not None:  # every process takes the same step
             grad = ctx.reduce_sum(grad)
+        (grad,) = torch.autograd.grad(rows, unit, grad[first:].flatten(1).to(rows.dtype))
         values.append(value)
         if values[-1] >= max(values):
             best = unit.detach().clone()
         if step == steps:
             break
         with torch.no_grad():  # ascend: minus the tangent part of the gradient
-            g = -grad[first:].flatten(1) * norm
+            g = -grad
             g -= unit * (unit * g).sum(1, keepdim=True)
             unit.grad = g
             optimizer.step()
             unit.copy_(unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30))
-    return (best * norm).reshape(new.fan_in[producer_name].shape), values
+    with torch.no_grad():
+        return scale(best).reshape(new.fan_in[producer_name].shape), values
 
 
 def grown_copy(ctx: GrowthContext, new: NewChannels, example: torch.Tensor) -> nn.Module:
@@ -397,10 +410,22 @@ def gradmax_fanin_opt_init(ctx: GrowthContext) -> NewChannels:
     projected ascent on the real fan-out gradient (ReLU, BatchNorm, pooling exact), the
     reference code's GradMax-Opt with a zero fan-out; the best iterate is kept and the new
     BatchNorm running statistics are measured again for it."""
-    new, _ = closed_form(ctx, running_stats=False)
+    new, stats = closed_form(ctx, running_stats=False)
     steps = int(ctx.options.get("steps", 5))
     lr = ctx.options.get("lr")
-    rows, values = refine_fan_in(ctx, new, steps, float(lr) if lr else None)
+    if "bn_gamma" in new.info:  # BatchNorm normalises the activation: keep the weight norm
+        norm = float(new.fan_in[ctx.group.producers[0]].flatten(1).norm(dim=1).mean())
+
+        def scale(unit: torch.Tensor) -> torch.Tensor:
+            return unit * norm
+
+    else:  # keep the activation RMS (a louder unit would only be a larger step size)
+        cov, target = stats.cov.double(), existing_rms(ctx, stats.cov)
+
+        def scale(unit: torch.Tensor) -> torch.Tensor:
+            return unit * (target / ((unit @ cov) * unit).sum(1, keepdim=True).sqrt())
+
+    rows, values = refine_fan_in(ctx, new, steps, float(lr) if lr else None, scale)
     producer_name = ctx.group.producers[0]
     new.fan_in[producer_name] = rows.to(new.fan_in[producer_name].dtype)
     if "bn_gamma" in new.info:

@@ -283,3 +283,33 @@ def test_opt_refines_the_real_fan_out_gradient_and_keeps_the_function() -> None:
     norms = model.features.conv2.weight[-2:].detach().flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, torch.full((2,), norms.mean().item()), rtol=1e-5, atol=0)
     torch.testing.assert_close(_outputs(model, x, "train"), before, atol=1e-6, rtol=0)
+
+
+def test_opt_without_batchnorm_keeps_the_units_activation_rms() -> None:
+    model, x = build("vgg_small")
+    gen = torch.Generator().manual_seed(5)
+    x = x.repeat(16, 1, 1, 1) + 0.5 * torch.randn(32, *x.shape[1:], generator=gen)
+    y = torch.arange(len(x)) % 10
+    store = {}
+    h = model.classifier.fc1.register_forward_hook(lambda mod, i, o: store.update(x=i[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    inputs = store["x"].double()
+    moment = inputs.T @ inputs / len(inputs)
+    old = model.classifier.fc1.weight.detach().double()
+    target = float(((old @ moment) * old).sum(1).sqrt().mean())
+    rec = dynarch.grow(
+        model,
+        "classifier.fc1",
+        2,
+        init="gradmax_fanin_opt",
+        data=(x, y),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    rows = model.classifier.fc1.weight[-2:].detach().double()
+    rms = ((rows @ moment) * rows).sum(1).sqrt()
+    torch.testing.assert_close(
+        rms, torch.full((2,), target, dtype=torch.float64), rtol=1e-4, atol=0
+    )
+    assert rec.info["fan_out_grad_norm"] == pytest.approx(max(rec.info["opt_fan_out_grad_norm"]))
