@@ -6,6 +6,7 @@ runs' histories back (``dynarch.history.open``) into tables and plots.
     python benchmarks/study.py digits --report-only    # tables and plots from existing runs
     python benchmarks/study.py digits --arms "static big" zeros --set trainer.epochs=30 \
         --tag epochs30                                 # a variant: runs/study/digits-epochs30/
+    python benchmarks/study.py digits --arms north plateau --init gradmax_fanin --tag fanin
     python benchmarks/study.py cifar --arms "static big" zeros --seeds 0 1 2 3 4 --jobs 2
 
 Runs go to runs/study/<data>/<arm>/<seed>/ (one Hydra sweep per arm over the seeds); the
@@ -86,9 +87,27 @@ def arm_dir(study: str, arm: str) -> Path:
     return ROOT / "runs" / "study" / study / arm.replace(" ", "_")
 
 
-def run_arm(data: str, study: str, arm: str, seeds: list[int], jobs: int, extra: list[str]) -> None:
+# where each growing arm's policy keeps its init (``--init`` swaps it, e.g. the when / where /
+# grow+prune arms with another initializer)
+INIT_KEYS = {arm: "policy.init" for arm, (_, o) in ARMS.items() if "policy=study/grow_all" in o}
+INIT_KEYS |= dict.fromkeys(["north", "gradient trigger", "plateau"], "policy.init")
+INIT_KEYS |= dict.fromkeys(["round robin", "top scored"], "policy.init")
+INIT_KEYS |= {"grow then prune": "policy.policies.0.init", "cycles": "policy.phases.0.policy.init"}
+
+
+def run_arm(
+    data: str,
+    study: str,
+    arm: str,
+    seeds: list[int],
+    jobs: int,
+    extra: list[str],
+    init: str | None = None,
+) -> None:
     spec = DATA[data]
     overrides = [o.format(mid=spec["mid"], big=spec["big"]) for o in ARMS[arm][1]]
+    if init is not None and arm in INIT_KEYS:
+        overrides.append(f"{INIT_KEYS[arm]}={init}")
     sweep(arm, arm_dir(study, arm), [*spec["base"], *overrides, *extra], seeds, jobs)
 
 
@@ -417,16 +436,19 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", default=[], help="overrides for every arm, e.g. trainer.epochs=30"
     )
-    parser.add_argument("--tag", help="name of this variant of the study (with --set)")
+    parser.add_argument(
+        "--init", help="the initializer of every growing arm (policy init), e.g. gradmax_fanin"
+    )
+    parser.add_argument("--tag", help="name of this variant of the study (with --set/--init)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    if args.set and not args.tag:
-        parser.error("--set changes every arm: name the variant with --tag")
+    if (args.set or args.init) and not args.tag:
+        parser.error("--set/--init change every arm: name the variant with --tag")
     study = f"{args.data}-{args.tag}" if args.tag else args.data
     if not args.report_only:
         seeds = list(dict.fromkeys(args.seeds))  # a seed named twice would run twice
         for arm in args.arms:
-            run_arm(args.data, study, arm, seeds, args.jobs, args.set)
+            run_arm(args.data, study, arm, seeds, args.jobs, args.set, args.init)
     rows = report(study)
     if rows and not math.isnan(rows[0]["accuracy"]):
         plot(study, rows)

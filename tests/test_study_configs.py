@@ -60,3 +60,13 @@ def test_every_arm_of_the_study_runner_composes() -> None:
         for overrides in [*arms, *fade_in.VARIANTS.values()]:
             filled = [o.format(mid=spec["mid"], big=spec["big"]) for o in overrides]
             assert composition_error([*spec["base"], *filled]) is None, filled
+    # --init swaps every growing arm's initializer: the keys exist (an unknown key is a
+    # composition error), and every initializer an arm names is registered
+    spec = study.DATA["digits"]
+    for arm, key in study.INIT_KEYS.items():
+        filled = [o.format(mid=spec["mid"], big=spec["big"]) for o in study.ARMS[arm][1]]
+        assert composition_error([*spec["base"], *filled, f"{key}=tiny"]) is None, arm
+    from dynarch.initializers import available_initializers
+
+    named = {o.split("=")[1] for _, arm in study.ARMS.values() for o in arm if "init=" in o}
+    assert named <= set(available_initializers()), named
