@@ -64,6 +64,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "gradmax_fanin": ("how", ["policy=study/grow_all", "policy.init=gradmax_fanin"]),
     "gradmax_fanin_opt": ("how", ["policy=study/grow_all", "policy.init=gradmax_fanin_opt"]),
     "tiny": ("how", ["policy=study/grow_all", "policy.init=tiny"]),
+    # TINY with its line search on the samples that chose the neurons (before held_out=0.5)
+    "tiny in-sample": (
+        "how",
+        ["policy=study/grow_all", "policy.init=tiny", "+policy.init_options.held_out=0"],
+    ),
     "net2net": ("how", ["policy=study/grow_all", "policy.init=net2net"]),
     "north": ("when", ["policy=study/north"]),
     "gradient trigger": ("when", ["policy=study/gradient_trigger"]),
