@@ -9,7 +9,10 @@ fan-in entries). Behind a train-mode BatchNorm ``a = gamma w^T (p - mean p) / sq
 eps)``, so the gradient is ``gamma M_c w / sqrt(w^T (S + eps/|w|^2) w)`` with M_c built from
 centred patches and S their covariance: at a fixed fan-in norm the best k rows are the top-k
 generalised eigenvectors of ``(M_c^T M_c, S + eps/|w|^2 I)``. The ridge is BatchNorm's own eps,
-so the objective is exact for the real layer, not a tuned threshold. docs/gradmax.md derives it.
+so the objective is exact for the real layer, not a tuned threshold. Without BatchNorm the rows
+maximise ``||M w||`` at a fixed activation RMS ``sqrt(w^T S w)`` (S: the patches' second moment),
+the existing units' mean: the generalised eigenvectors of ``(M^T M, S)``. docs/gradmax.md
+derives both.
 """
 
 from __future__ import annotations
