@@ -249,7 +249,7 @@ def fan_out_grad_at_growth(run: Path) -> float | None:
     """Mean over a run's growths of the real gradient norm of the new units' fan-out on the
     growth batch (``info["fan_out_grad_norm"]``, recorded for zero fan-out inits)."""
     events = dynarch.history.open(run).events(kind="grow", info=True).column("info")
-    values = [i["fan_out_grad_norm"] for i in events if "fan_out_grad_norm" in i]
+    values = [i["fan_out_grad_norm"] for i in events if i.get("fan_out_grad_norm") is not None]
     return statistics.fmean(values) if values else None
 
 

@@ -313,3 +313,16 @@ def test_opt_without_batchnorm_keeps_the_units_activation_rms() -> None:
         rms, torch.full((2,), target, dtype=torch.float64), rtol=1e-4, atol=0
     )
     assert rec.info["fan_out_grad_norm"] == pytest.approx(max(rec.info["opt_fan_out_grad_norm"]))
+
+
+def test_frozen_consumers_are_not_measured() -> None:
+    """A frozen next layer (fine-tuning) has no gradient to measure: the growth still happens,
+    the record says None instead of failing after the surgery."""
+    model, x = build("vgg_small")
+    y = torch.arange(len(x)) % 10
+    model.features.conv3.weight.requires_grad_(False)
+    rec = dynarch.grow(
+        model, "features.conv2", 2, init="zeros", data=(x, y), loss_fn=nn.CrossEntropyLoss()
+    )
+    assert rec.info["fan_out_grad_norm"] is None
+    assert model.features.conv3.weight.shape[1] == rec.width_after

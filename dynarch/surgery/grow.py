@@ -108,11 +108,16 @@ def new_fan_out_grad_norm(
     data: Any,
     loss_fn: Callable,
     max_samples: int = 512,
-) -> float:
+) -> float | None:
     """||dL/d(new fan-out)||_F of a grown model on ``data``, in train mode with BatchNorm's
     running statistics kept: the real gradient that zero fan-out units start from (``group``
-    and ``modules`` as before the growth, whose new columns start at each member's ``stop``)."""
-    consumers = [m for m in group.members if m.role == CONSUMER]
+    and ``modules`` as before the growth, whose new columns start at each member's ``stop``;
+    None when every consumer is frozen)."""
+    consumers = [
+        m for m in group.members if m.role == CONSUMER and modules[m.module].weight.requires_grad
+    ]
+    if not consumers:  # frozen consumers: nothing to measure
+        return None
     weights = {m.module: modules[m.module].weight for m in consumers}
     totals = {name: torch.zeros_like(w) for name, w in weights.items()}
     samples, was_training = 0, model.training
