@@ -119,8 +119,7 @@ def gradient_matrix(
     hooks = [producer.register_forward_hook(_capture(captured, "producer"))]
     hooks += [c.register_forward_hook(_capture(captured, name)) for name, c in consumers.items()]
     blocks: dict[str, torch.Tensor] = {}
-    cov: torch.Tensor | None = None
-    kept: list[torch.Tensor] | None = [] if with_cov and ctx.reduce_sum is None else None
+    moments = _PatchMoments(keep_rows=ctx.reduce_sum is None) if with_cov else None
     samples = 0
     device = producer.weight.device
     try:
@@ -136,14 +135,8 @@ def gradient_matrix(
                 cols = _producer_patches(producer, p_in)  # (B, F) or (B, F, L)
                 if centre:
                     cols = cols - cols.mean([d for d in range(cols.dim()) if d != 1], keepdim=True)
-                if with_cov:
-                    flat = cols.movedim(1, -1).reshape(-1, cols.shape[1])
-                    part = (flat.T @ flat).double() * (len(x) / len(flat))
-                    cov = part if cov is None else cov + part
-                    if kept is not None:
-                        kept.append(flat * (len(x) / len(flat)) ** 0.5)
-                        if sum(map(len, kept)) >= flat.shape[1]:
-                            kept = None  # the covariance is the smaller side
+                if moments is not None:
+                    moments.add(cols)
                 if mean_column:
                     cols = torch.cat([cols, torch.ones_like(cols[:, :1])], dim=1)
                 for (name, consumer), delta in zip(consumers.items(), deltas, strict=True):
@@ -174,7 +167,8 @@ def gradient_matrix(
             )
     if ctx.reduce_sum is not None:  # every process's batches, as if they were one
         blocks = {name: ctx.reduce_sum(block) for name, block in blocks.items()}
-        cov = ctx.reduce_sum(cov) if cov is not None else None
+        if moments is not None:
+            moments.total = ctx.reduce_sum(moments.total)
         samples = int(ctx.reduce_sum(torch.tensor(float(samples), device=device)))
     if samples == 0:
         raise DynarchError(f"init {ctx.init_name!r} got no data samples")
@@ -184,9 +178,33 @@ def gradient_matrix(
         rows.append(block / samples)
         row_blocks[name] = (offset, offset + block.shape[0])
         offset += block.shape[0]
-    cov = cov / samples if cov is not None else None
-    patches = torch.cat(kept).double() / samples**0.5 if kept else None
+    cov, patches = moments.result(samples) if moments is not None else (None, None)
     return GradientStats(torch.cat(rows), row_blocks, samples, cov, patches)
+
+
+class _PatchMoments:
+    """The producer patches' second moment over samples and positions (each sample weighs
+    the same, whatever its number of positions), and the patches themselves while there are
+    fewer rows than fan-in entries (``keep_rows``)."""
+
+    def __init__(self, keep_rows: bool) -> None:
+        self.total: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] | None = [] if keep_rows else None
+
+    def add(self, cols: torch.Tensor) -> None:
+        """``cols``: one batch's (B, F) or (B, F, L) patches."""
+        flat = cols.movedim(1, -1).reshape(-1, cols.shape[1])
+        weight = len(cols) / len(flat)
+        part = (flat.T @ flat).double() * weight
+        self.total = part if self.total is None else self.total + part
+        if self.rows is not None:
+            self.rows.append(flat * weight**0.5)
+            if sum(map(len, self.rows)) >= flat.shape[1]:
+                self.rows = None  # the moment is the smaller side
+
+    def result(self, samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = torch.cat(self.rows).double() / samples**0.5 if self.rows else None
+        return self.total / samples, rows
 
 
 def _capture(store: dict[str, Any], key: str):
