@@ -95,8 +95,9 @@ def arm_dir(study: str, arm: str) -> Path:
 # where each growing arm's policy keeps its init (``--init`` swaps it, e.g. the when / where /
 # grow+prune arms with another initializer)
 INIT_KEYS = {arm: "policy.init" for arm, (_, o) in ARMS.items() if "policy=study/grow_all" in o}
-INIT_KEYS |= dict.fromkeys(["north", "gradient trigger", "plateau"], "policy.init")
-INIT_KEYS |= dict.fromkeys(["round robin", "top scored"], "policy.init")
+INIT_KEYS |= dict.fromkeys(
+    ["north", "gradient trigger", "plateau", "round robin", "top scored"], "policy.init"
+)
 INIT_KEYS |= {"grow then prune": "policy.policies.0.init", "cycles": "policy.phases.0.policy.init"}
 
 

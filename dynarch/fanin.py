@@ -29,14 +29,15 @@ from dynarch.gradmax import (
     GradientStats,
     batches,
     fallback_when_unsupported,
+    fill_past_rank,
     gradient_matrix,
-    orthogonal_fill,
     top_singular_vectors,
 )
 from dynarch.initializers import (
     GrowthContext,
     NewChannels,
     group_batchnorm,
+    mean_fan_in_norm,
     register_initializer,
     start_batchnorm,
     zeros,
@@ -56,12 +57,6 @@ _NO_BN_THRESHOLD = 1e-3
 
 # the zero fan-out family falls back to ``zeros`` (random fan-in, zero fan-out): still exact
 zeros_when_unsupported = fallback_when_unsupported(zeros_init, "zeros")
-
-
-def mean_fan_in_norm(ctx: GrowthContext) -> float:
-    """Mean norm of the producer's existing fan-in rows: the scale new rows are given."""
-    w = ctx.modules[ctx.group.producers[0]].weight.detach()
-    return float(w.flatten(1).norm(dim=1).mean())
 
 
 def whitening(stats: GradientStats, ridge: float, threshold: float) -> torch.Tensor:
@@ -91,13 +86,9 @@ def best_directions(
     are uncorrelated on the growth batch, not copies of one best unit."""
     a = m.double() @ white
     u, s = top_singular_vectors(a.T, min(k, a.shape[1]))  # right singular vectors of a
-    info: dict[str, Any] = {}
-    tol = float(s[0]) * max(a.shape) * torch.finfo(torch.float32).eps if len(s) else 0.0
-    rank = int((s > tol).sum()) if float(a.abs().max()) > 0 else 0
+    # M was built in float32: below its round-off a direction is noise
+    u, rank, info = fill_past_rank(u, s, k, a, torch.finfo(torch.float32).eps)
     if rank < k:
-        info["random_fill"] = k - rank
-        info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
-        u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], k - rank)], dim=1)
         s = torch.cat([s[:rank], s.new_zeros(k - rank)])
     w = white @ u
     return w / w.norm(dim=0, keepdim=True).clamp_min(1e-300), s, info
@@ -179,12 +170,7 @@ def closed_form(
         ),
     }
     if behind_bn:
-        if running_stats:
-            start_batchnorm(ctx, new, gamma)
-        else:  # the gamma alone, for a probe in train mode
-            new.new_values[(norm_info[0], "weight")] = torch.full_like(
-                norm_info[1].weight[: ctx.k], gamma
-            ).detach()
+        start_batchnorm(ctx, new, gamma, running_stats)
         new.info["bn_gamma"] = gamma
     return new, stats
 

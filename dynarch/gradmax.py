@@ -87,6 +87,27 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved[n])
 
 
+def mean_weight_grads(
+    model: nn.Module, weights: list[torch.Tensor], data: Any, loss_fn: Any, max_samples: int
+) -> tuple[list[torch.Tensor], int]:
+    """The loss gradient of each of ``weights`` averaged over ``data``'s samples (batches
+    weighted by size), and the number of samples; the model's ``.grad`` fields and BatchNorm
+    running statistics are left as they were."""
+    device = weights[0].device
+    totals = [torch.zeros_like(w) for w in weights]
+    samples = 0
+    with buffers_restored(model):
+        for x, y in batches(data, max_samples):
+            with torch.enable_grad():
+                loss = loss_fn(model(x.to(device)), y.to(device))
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for total, grad in zip(totals, grads, strict=True):
+                if grad is not None:
+                    total += grad.detach() * len(x)
+            samples += len(x)
+    return [t / max(samples, 1) for t in totals], samples
+
+
 def gradient_matrix(
     ctx: GrowthContext,
     max_samples: int = 512,
@@ -337,6 +358,23 @@ def orthogonal_fill(u: torch.Tensor, count: int, generator: torch.Generator | No
     return torch.cat([q, extra / extra.norm(dim=0, keepdim=True).clamp_min(1e-30)], dim=1)
 
 
+def fill_past_rank(
+    u: torch.Tensor, s: torch.Tensor, k: int, matrix: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    """The singular vectors ``u`` of ``matrix`` whose singular value is above its round-off
+    (``eps`` x the largest x the larger side), filled up to ``k`` columns with random ones
+    orthogonal to them; the rank, and an info dict that says what was filled and why."""
+    tol = float(s[0]) * max(matrix.shape) * eps if len(s) else 0.0
+    rank = int((s > tol).sum()) if float(matrix.abs().max()) > 0 else 0
+    if rank >= k:
+        return u, rank, {}
+    info = {
+        "random_fill": k - rank,
+        "reason": "zero gradient" if rank == 0 else f"rank of M is {rank} < k",
+    }
+    return torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], k - rank)], dim=1), rank, info
+
+
 def existing_fan_out_norm(ctx: GrowthContext) -> float:
     """Mean norm of the existing channels' fan-out vectors (all consumers concatenated)."""
     total = None
@@ -404,13 +442,8 @@ def gradmax_init(ctx: GrowthContext) -> NewChannels:
     m = stats.matrix
     target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
     u, s = top_singular_vectors(m, ctx.k)
-    info: dict[str, Any] = {"samples": stats.samples}
-    tol = float(s[0]) * max(m.shape) * torch.finfo(m.dtype).eps if len(s) else 0.0
-    rank = int((s > tol).sum()) if float(m.abs().max()) > 0 else 0
-    if rank < ctx.k:
-        info["random_fill"] = ctx.k - rank
-        info["reason"] = "zero gradient" if rank == 0 else f"rank of M is {rank} < k"
-        u = torch.cat([u[:, :rank], orthogonal_fill(u[:, :rank], ctx.k - rank)], dim=1)
+    u, _, info = fill_past_rank(u, s, ctx.k, m, torch.finfo(m.dtype).eps)
+    info["samples"] = stats.samples
     cols = u * target_norm
     epsilon = float(opts.get("epsilon", 1e-8))
     new = fan_in_from_gradient(ctx, m, cols, epsilon)

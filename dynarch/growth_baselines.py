@@ -18,11 +18,11 @@ from torch import nn
 
 from dynarch.errors import DynarchError
 from dynarch.gradmax import (
-    batches,
     existing_fan_out_norm,
     fan_in_from_gradient,
     fan_out_from_columns,
     gradient_matrix,
+    mean_weight_grads,
     random_when_unsupported,
     seeded_generator,
 )
@@ -164,31 +164,15 @@ def _split_fan_in_grad_norm(
     weights = [ctx.modules[m.module].weight for m in members]
     if not all(w.requires_grad for w in weights):
         return None
-    device = weights[0].device
-    totals = [torch.zeros_like(w) for w in weights]
-    saved = {n: b.clone() for n, b in ctx.model.named_buffers()}  # BN running stats
-    samples = 0
-    try:
-        for x, y in batches(ctx.data, int(ctx.options.get("max_samples", 512))):
-            x, y = x.to(device), y.to(device)
-            with torch.enable_grad():
-                loss = ctx.loss_fn(ctx.model(x), y)
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for total, grad in zip(totals, grads, strict=True):
-                if grad is not None:
-                    total += grad.detach() * len(x)  # weight batches by size
-            samples += len(x)
-    finally:
-        with torch.no_grad():
-            for n, b in ctx.model.named_buffers():
-                b.copy_(saved[n])
+    max_samples = int(ctx.options.get("max_samples", 512))
+    means, samples = mean_weight_grads(ctx.model, weights, ctx.data, ctx.loss_fn, max_samples)
     if samples == 0:
         return None
     sq = 0.0
-    for member, total in zip(members, totals, strict=True):
-        picked = chosen.to(total.device)
-        rows = total.index_select(0, _entries(member, picked)).reshape(len(picked), -1)
-        factor = share.to(total.device, total.dtype)[picked] / samples
+    for member, mean in zip(members, means, strict=True):
+        picked = chosen.to(mean.device)
+        rows = mean.index_select(0, _entries(member, picked)).reshape(len(picked), -1)
+        factor = share.to(mean.device, mean.dtype)[picked]
         sq += float((rows * factor[:, None]).pow(2).sum())
     return math.sqrt(sq)
 

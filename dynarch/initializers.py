@@ -154,7 +154,7 @@ def epsilon_fan_in(
         direction = torch.randn(shape, device=w.device, dtype=w.dtype)
     direction = direction.reshape(shape[0], -1)
     unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    scale = epsilon * float(w.flatten(1).norm(dim=1).mean())
+    scale = epsilon * mean_fan_in_norm(ctx, producer)
     return (unit * scale).reshape(shape).to(w.dtype)
 
 
@@ -196,12 +196,19 @@ def gate_batchnorm(ctx: GrowthContext, new: NewChannels, epsilon: float) -> NewC
     norms = rows.norm(dim=1, keepdim=True)
     direction = torch.where(norms > 0, rows, torch.randn_like(rows))
     unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    fan_in = unit * float(w.flatten(1).norm(dim=1).mean())
+    fan_in = unit * mean_fan_in_norm(ctx, producer_name)
     new.fan_in[producer_name] = fan_in.reshape(ctx.fan_in_shape(producer_name)).to(w.dtype)
     gamma = float(ctx.options.get("bn_gamma", epsilon)) * float(bn.weight.detach().abs().mean())
     start_batchnorm(ctx, new, gamma)
     new.info["bn_gate"] = {"module": bn_name, "gamma": gamma}
     return new
+
+
+def mean_fan_in_norm(ctx: GrowthContext, producer: str | None = None) -> float:
+    """Mean norm of a producer's existing fan-in rows (default: the group's first): the scale
+    new rows are given."""
+    w = ctx.modules[producer or ctx.group.producers[0]].weight.detach()
+    return float(w.flatten(1).norm(dim=1).mean())
 
 
 def group_batchnorm(ctx: GrowthContext) -> tuple[str, nn.Module] | None:
@@ -220,10 +227,12 @@ def group_batchnorm(ctx: GrowthContext) -> tuple[str, nn.Module] | None:
     return norms[0], ctx.modules[norms[0]]
 
 
-def start_batchnorm(ctx: GrowthContext, new: NewChannels, gamma: float | torch.Tensor) -> None:
+def start_batchnorm(
+    ctx: GrowthContext, new: NewChannels, gamma: float | torch.Tensor, running_stats: bool = True
+) -> None:
     """New channels of the group's BatchNorm (:func:`group_batchnorm`): scale ``gamma``,
-    beta 0, and running statistics measured on ``ctx.data`` with the new fan-in, so that eval
-    mode sees what train mode sees."""
+    beta 0, and (``running_stats``, a forward pass) running statistics measured on
+    ``ctx.data`` with the new fan-in, so that eval mode sees what train mode sees."""
     norm = group_batchnorm(ctx)
     assert norm is not None, "start_batchnorm needs a Conv-BN group"
     bn_name, bn = norm
@@ -231,6 +240,8 @@ def start_batchnorm(ctx: GrowthContext, new: NewChannels, gamma: float | torch.T
     new.new_values[(bn_name, "weight")] = (
         torch.as_tensor(gamma, dtype=weight.dtype, device=weight.device).expand(ctx.k).clone()
     )
+    if not running_stats:
+        return
     producer = ctx.modules[ctx.group.producers[0]]
     stats = _new_channel_stats(ctx, producer, new.fan_in[ctx.group.producers[0]])
     if stats is not None and bn.running_mean is not None and bn.running_var is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynarch.fanin import grown_copy, mean_fan_in_norm, whitening, zeros_when_unsupported
+from dynarch.fanin import grown_copy, whitening, zeros_when_unsupported
 from dynarch.gradmax import (
     batches,
     buffers_restored,
@@ -41,6 +41,7 @@ from dynarch.initializers import (
     GrowthContext,
     NewChannels,
     group_batchnorm,
+    mean_fan_in_norm,
     register_initializer,
     start_batchnorm,
 )

@@ -197,14 +197,20 @@ def test_residual_stream_falls_back_to_zeros_and_says_why() -> None:
     assert model.layer2[0].conv1.weight[:, -4:].abs().sum() == 0  # zero fan-out
 
 
+def _fc1_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """vgg_small with a batch of 32 noisy copies of its two inputs: fc1 (no BatchNorm) sees
+    more samples than build()'s two."""
+    model, x = build("vgg_small")
+    gen = torch.Generator().manual_seed(5)
+    x = x.repeat(16, 1, 1, 1) + 0.5 * torch.randn(32, *x.shape[1:], generator=gen)
+    return model, x, torch.arange(len(x)) % 10
+
+
 def test_without_batchnorm_rows_are_generalised_eigenvectors_at_the_units_rms() -> None:
     """fc1 (no BatchNorm): the rows maximise ||M w|| at a fixed activation RMS, i.e. they are
     w = S^+ M^T c with c the top eigenvectors of M S^+ M^T (S: fc1's input second moment,
     pseudo-inverse with the same 1e-3 cut), each scaled to the existing units' mean RMS."""
-    model, x = build("vgg_small")
-    gen = torch.Generator().manual_seed(5)
-    x = x.repeat(16, 1, 1, 1) + 0.5 * torch.randn(32, *x.shape[1:], generator=gen)
-    y = torch.arange(len(x)) % 10
+    model, x, y = _fc1_case()
     m = copy.deepcopy(model)
     rec = dynarch.grow(
         m, "classifier.fc1", 2, init="gradmax_fanin", data=(x, y), loss_fn=nn.CrossEntropyLoss()
@@ -286,10 +292,7 @@ def test_opt_refines_the_real_fan_out_gradient_and_keeps_the_function() -> None:
 
 
 def test_opt_without_batchnorm_keeps_the_units_activation_rms() -> None:
-    model, x = build("vgg_small")
-    gen = torch.Generator().manual_seed(5)
-    x = x.repeat(16, 1, 1, 1) + 0.5 * torch.randn(32, *x.shape[1:], generator=gen)
-    y = torch.arange(len(x)) % 10
+    model, x, y = _fc1_case()
     store = {}
     h = model.classifier.fc1.register_forward_hook(lambda mod, i, o: store.update(x=i[0]))
     with torch.no_grad():

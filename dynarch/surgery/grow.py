@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.gradmax import batches, buffers_restored, fan_in_gradient_norm
+from dynarch.gradmax import fan_in_gradient_norm, mean_weight_grads
 from dynarch.graph import ChannelGroup
 from dynarch.initializers import GrowthContext, NewChannels, get_initializer
 from dynarch.models import count_params
@@ -62,10 +62,10 @@ def grow(
     )
     new = initializer(ctx)
     _check_new_channels(ctx, new)
+    zero_fan_out = _zero_fan_out(new)
     if data is not None and loss_fn is not None and "fan_in_grad_norm" not in new.info:
         # a zero fan-out passes no gradient back to the fan-in: 0 without a statistics pass
-        zero = _zero_fan_out(new)
-        new.info["fan_in_grad_norm"] = 0.0 if zero else fan_in_gradient_norm(ctx, new)
+        new.info["fan_in_grad_norm"] = 0.0 if zero_fan_out else fan_in_gradient_norm(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
     before = eval_output(model)
@@ -75,7 +75,7 @@ def grow(
     if torch.is_tensor(before) and torch.is_tensor(after):
         # 0 for function-preserving inits; the eps fan-in of gradmax shows up here
         new.info["output_change"] = float((after - before).abs().max())
-    if data is not None and loss_fn is not None and _zero_fan_out(new):
+    if data is not None and loss_fn is not None and zero_fan_out:
         new.info["fan_out_grad_norm"] = new_fan_out_grad_norm(
             model, group, modules, k, data, loss_fn, int(init_options.get("max_samples", 512))
         )
@@ -118,28 +118,17 @@ def new_fan_out_grad_norm(
     ]
     if not consumers:  # frozen consumers: nothing to measure
         return None
-    weights = {m.module: modules[m.module].weight for m in consumers}
-    totals = {name: torch.zeros_like(w) for name, w in weights.items()}
-    samples, was_training = 0, model.training
-    device = next(iter(weights.values())).device
+    weights = [modules[m.module].weight for m in consumers]
+    was_training = model.training
     try:
         model.train()
-        with buffers_restored(model):
-            for x, y in batches(data, max_samples):
-                with torch.enable_grad():
-                    loss = loss_fn(model(x.to(device)), y.to(device))
-                    grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                for name, grad in zip(weights, grads, strict=True):
-                    if grad is not None:
-                        totals[name] += grad.detach() * len(x)
-                samples += len(x)
+        means, _ = mean_weight_grads(model, weights, data, loss_fn, max_samples)
     finally:
         model.train(was_training)
     sq = 0.0
-    for m in consumers:
-        count = k * m.multiplicity
-        sq += float(totals[m.module].narrow(1, m.stop, count).pow(2).sum())
-    return sq**0.5 / max(samples, 1)
+    for m, mean in zip(consumers, means, strict=True):
+        sq += float(mean.narrow(1, m.stop, k * m.multiplicity).pow(2).sum())
+    return sq**0.5
 
 
 def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
