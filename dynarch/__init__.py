@@ -13,10 +13,12 @@ if TYPE_CHECKING:
     # for type checkers only; at run time __getattr__ imports from _HOMES
     from dynarch.errors import DynarchError  # noqa: F401
     from dynarch.graph import ArchGraph, ChannelGroup, GroupMember  # noqa: F401
-    from dynarch.initializers import (  # noqa: F401
-        GrowthContext,
-        NewChannels,
-        register_initializer,
+    from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels  # noqa: F401
+    from dynarch.initializers import register_initializer  # noqa: F401
+    from dynarch.layer_kinds import (  # noqa: F401
+        ChannelwiseKind,
+        LayerKind,
+        register_layer_kind,
     )
     from dynarch.surgery.grow import grow  # noqa: F401
     from dynarch.surgery.prune import prune  # noqa: F401
@@ -27,12 +29,16 @@ _HOMES = {
     "ChannelGroup": "dynarch.graph",
     "DynarchError": "dynarch.errors",
     "GroupMember": "dynarch.graph",
-    "GrowthContext": "dynarch.initializers",
+    "ChannelwiseKind": "dynarch.layer_kinds",
+    "GrowthContext": "dynarch.growth_context",
+    "GrowthOptions": "dynarch.growth_context",
+    "LayerKind": "dynarch.layer_kinds",
     "MutationRecord": "dynarch.surgery.record",
-    "NewChannels": "dynarch.initializers",
+    "NewChannels": "dynarch.growth_context",
     "grow": "dynarch.surgery.grow",
     "prune": "dynarch.surgery.prune",
     "register_initializer": "dynarch.initializers",
+    "register_layer_kind": "dynarch.layer_kinds",
 }
 __all__ = sorted(_HOMES)
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dynarch.config import ConfigValueError, check_values, register
 from dynarch.errors import ConfigError, DynarchError
-from dynarch.history import HistoryReader
+from dynarch.history_store import HistoryReader
 from dynarch.launch import launched_ranks
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from dynarch import checkpoint, distributed
 from dynarch.data import load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
-from dynarch.history import HistoryWriter
+from dynarch.history_store import HistoryWriter
 from dynarch.models import build_model, count_params
 from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
 from dynarch.surgery.grow import grow

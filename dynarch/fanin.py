@@ -20,31 +20,30 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dynarch.basic_inits import (
+    group_batchnorm,
+    mean_fan_in_norm,
+    start_batchnorm,
+    zeros,
+    zeros_init,
+)
+from dynarch.errors import DynarchError
 from dynarch.gradmax import (
     GradientStats,
-    batches,
     fallback_when_unsupported,
     fill_past_rank,
     gradient_matrix,
     top_singular_vectors,
 )
-from dynarch.initializers import (
-    GrowthContext,
-    NewChannels,
-    group_batchnorm,
-    mean_fan_in_norm,
-    register_initializer,
-    start_batchnorm,
-    zeros,
-    zeros_init,
-)
-from dynarch.surgery.grow import grow
-from dynarch.surgery.layers import CONSUMER
+from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels, takes_options
+from dynarch.layer_kinds import CONSUMER
+from dynarch.probes import batches
 
 # Relative floor of the covariance's eigenvalues behind a BatchNorm, against round-off only
 # (the BatchNorm eps ridge is what regularises); below it a direction has no variance.
@@ -53,6 +52,23 @@ _EIG_FLOOR = 1e-12
 # to a normal activation: directions below 1e-3 of the largest eigenvalue (std < 3 %) are
 # dropped, as for TINY.
 _NO_BN_THRESHOLD = 1e-3
+
+
+@dataclass(frozen=True)
+class FanInOptions(GrowthOptions):
+    """``norm``: the fan-in rows' norm (default the layer's mean); ``bn_gamma``: the new
+    gamma's share of the mean |gamma|; ``threshold``: relative eigenvalue floor (default 1e-12
+    behind a BatchNorm, 1e-3 without)."""
+
+    norm: float | None = None
+    bn_gamma: float = 1.0
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class FanInOptOptions(FanInOptions):
+    steps: int = 5
+    lr: float | None = None  # default 0.1 / sqrt(fan-in)
 
 
 # the zero fan-out family falls back to ``zeros`` (random fan-in, zero fan-out): still exact
@@ -138,7 +154,7 @@ def closed_form(
     behind_bn = norm_info is not None
     stats = gradient_matrix(
         ctx,
-        int(opts.get("max_samples", 512)),
+        opts.max_samples,
         centre=behind_bn,
         with_cov=True,
         mean_column=behind_bn,
@@ -181,10 +197,11 @@ def _rows_behind_batchnorm(
     """Generalised eigenvectors of (M_c^T M_c, S_c + eps/c^2) at the mean fan-in norm c; the
     new gamma (``bn_gamma`` x the mean |gamma|) and BatchNorm's eps."""
     opts = ctx.options
-    norm = float(opts.get("norm") or mean_fan_in_norm(ctx))
-    gamma = float(opts.get("bn_gamma", 1.0)) * float(bn.weight.detach().abs().mean())
+    norm = float(opts.norm or mean_fan_in_norm(ctx))
+    gamma = opts.bn_gamma * float(bn.weight.detach().abs().mean())
     eps = float(bn.eps)
-    white = whitening(stats, eps / norm**2, float(opts.get("threshold", _EIG_FLOOR)))
+    threshold = _EIG_FLOOR if opts.threshold is None else opts.threshold
+    white = whitening(stats, eps / norm**2, threshold)
     cols, _, info = best_directions(stats.matrix, white, ctx.k)
     # After BatchNorm (beta 0) a ReLU gives ~gamma (0.40 + 0.5 x_hat): the mean part adds
     # gamma 0.40 mean_grad to every unit's fan-out gradient, whatever its fan-in. w and -w
@@ -202,8 +219,8 @@ def _rows_without_batchnorm(
     largest fan-out gradient. (At a fixed weight norm the plain right singular vectors of M
     pick the inputs' largest directions instead, units several times louder than their
     neighbours whose first SGD steps set back training: docs/gradmax.md.)"""
-    threshold = float(ctx.options.get("threshold", _NO_BN_THRESHOLD))
-    white = whitening(stats, 0.0, threshold)
+    threshold = ctx.options.threshold
+    white = whitening(stats, 0.0, _NO_BN_THRESHOLD if threshold is None else threshold)
     cols, _, info = best_directions(stats.matrix, white, ctx.k)
     cov = stats.cov.double()
     rms = ((cols.T @ cov) * cols.T).sum(1).clamp_min(1e-300).sqrt()
@@ -216,7 +233,7 @@ def existing_rms(ctx: GrowthContext, cov: torch.Tensor) -> float:
     return float(((w @ cov.double()) * w).sum(1).clamp_min(0).sqrt().mean())
 
 
-@register_initializer("gradmax_fanin")
+@takes_options(FanInOptions)
 @zeros_when_unsupported
 def gradmax_fanin_init(ctx: GrowthContext) -> NewChannels:
     """Zero fan-out; fan-in rows = the top-k (generalised) singular directions above, each at
@@ -246,8 +263,8 @@ def refine_fan_in(
     through the new channels. Returns the best rows and the objective at every step (the
     first is the closed form's)."""
     producer_name = ctx.group.producers[0]
-    data = [(x, y) for x, y in batches(ctx.data, int(ctx.options.get("max_samples", 512)))]
-    probe = grown_copy(ctx, new, data[0][0])
+    data = [(x, y) for x, y in batches(ctx.data, ctx.options.max_samples)]
+    probe = grown_copy(ctx, new)
     weight = probe.get_submodule(producer_name).weight
     first = ctx.modules[producer_name].weight.shape[0]
     consumers = [m for m in ctx.group.members if m.role == CONSUMER]
@@ -281,19 +298,13 @@ def refine_fan_in(
         return scale(best).reshape(new.fan_in[producer_name].shape), values
 
 
-def grown_copy(ctx: GrowthContext, new: NewChannels, example: torch.Tensor) -> nn.Module:
-    """A deep copy of the model grown with ``new``, in train mode, with only the producer's
-    weight trainable (autograd then builds the graph from the new channels on)."""
-    producer = ctx.modules[ctx.group.producers[0]]
-    probe = copy.deepcopy(ctx.model).train()
-    example = example.to(producer.weight.device)
-    grow(
-        probe,
-        ctx.group.producers[0],
-        ctx.k,
-        init=lambda _: copy.deepcopy(new),
-        example_inputs=example,
-    )
+def grown_copy(ctx: GrowthContext, new: NewChannels) -> nn.Module:
+    """A deep copy of the model grown with ``new`` (by the surgery, ``ctx.grown_copy``), in
+    train mode, with only the producer's weight trainable (autograd then builds the graph from
+    the new channels on)."""
+    if ctx.grown_copy is None:
+        raise DynarchError(f"initializer {ctx.init_name!r} needs the context dynarch.grow gives")
+    probe = ctx.grown_copy(copy.deepcopy(new)).train()
     for p in probe.parameters():
         p.requires_grad_(False)
     probe.get_submodule(ctx.group.producers[0]).weight.requires_grad_(True)
@@ -392,7 +403,7 @@ def _weight_grad(
     )
 
 
-@register_initializer("gradmax_fanin_opt")
+@takes_options(FanInOptOptions)
 @zeros_when_unsupported
 def gradmax_fanin_opt_init(ctx: GrowthContext) -> NewChannels:
     """``gradmax_fanin``'s closed form refined by ``steps`` (default 5) Adam steps of
@@ -400,8 +411,7 @@ def gradmax_fanin_opt_init(ctx: GrowthContext) -> NewChannels:
     reference code's GradMax-Opt with a zero fan-out; the best iterate is kept and the new
     BatchNorm running statistics are measured again for it."""
     new, stats = closed_form(ctx, running_stats=False)
-    steps = int(ctx.options.get("steps", 5))
-    lr = ctx.options.get("lr")
+    steps, lr = ctx.options.steps, ctx.options.lr
     if "bn_gamma" in new.info:  # BatchNorm normalises the activation: keep the weight norm
         norm = float(new.fan_in[ctx.group.producers[0]].flatten(1).norm(dim=1).mean())
 

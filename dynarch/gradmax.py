@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +25,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynarch.basic_inits import epsilon_fan_in, gate_batchnorm, random_init
 from dynarch.errors import DynarchError
-from dynarch.initializers import (
+from dynarch.growth_context import (
+    EpsilonOptions,
     GrowthContext,
     Initializer,
     NewChannels,
-    epsilon_fan_in,
-    gate_batchnorm,
-    random_init,
-    register_initializer,
+    takes_options,
 )
-from dynarch.surgery.layers import CONSUMER
+from dynarch.layer_kinds import CONSUMER
+from dynarch.probes import batches, buffers_restored, seeded_generator
 
 # (consumer name, consumer, its input, dL/d its output) -> the gradient to build M from
 DeltaMap = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GradMaxOptions(EpsilonOptions):
+    """GradMax's fan-out norm: ``norm``, or ``scale`` x the existing channels' mean fan-out
+    norm (:func:`fan_out_norm`)."""
+
+    scale: float = 0.5
+    norm: float | None = None
+
+
+@dataclass(frozen=True)
+class GradMaxOptOptions(GradMaxOptions):
+    steps: int = 100
+    lr: float | None = None  # default 0.3 / sqrt(rows of M)
+    orthogonal: bool = False
 
 
 class GradMaxUnsupported(DynarchError):
@@ -60,52 +75,6 @@ class GradientStats:
     # there are fewer rows than fan-in entries and one process: their Gram is the cheap way to
     # the covariance's eigenvectors (fc1 of a VGG: 128 rows, 4096 entries)
     rows: torch.Tensor | None = None
-
-
-def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` or an iterable of ``(x, y)`` batches, capped at ``max_samples`` samples."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        data = [data]
-    seen = 0
-    for x, y in data:
-        if seen >= max_samples:
-            return
-        take = min(len(x), max_samples - seen)
-        seen += take
-        yield x[:take], y[:take]
-
-
-@contextmanager
-def buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Run extra forwards (statistics, probes) without moving BatchNorm running statistics."""
-    saved = {n: b.clone() for n, b in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(saved[n])
-
-
-def mean_weight_grads(
-    model: nn.Module, weights: list[torch.Tensor], data: Any, loss_fn: Any, max_samples: int
-) -> tuple[list[torch.Tensor], int]:
-    """The loss gradient of each of ``weights`` averaged over ``data``'s samples (batches
-    weighted by size), and the number of samples; the model's ``.grad`` fields and BatchNorm
-    running statistics are left as they were."""
-    device = weights[0].device
-    totals = [torch.zeros_like(w) for w in weights]
-    samples = 0
-    with buffers_restored(model):
-        for x, y in batches(data, max_samples):
-            with torch.enable_grad():
-                loss = loss_fn(model(x.to(device)), y.to(device))
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for total, grad in zip(totals, grads, strict=True):
-                if grad is not None:
-                    total += grad.detach() * len(x)
-            samples += len(x)
-    return [t / max(samples, 1) for t in totals], samples
 
 
 def gradient_matrix(
@@ -389,6 +358,11 @@ def existing_fan_out_norm(ctx: GrowthContext) -> float:
     return float(total.sqrt().mean()) if total is not None else 1.0
 
 
+def fan_out_norm(ctx: GrowthContext, options: GradMaxOptions) -> float:
+    """The norm of every new fan-out column: ``norm``, or ``scale`` x the existing mean."""
+    return float(options.norm or options.scale * existing_fan_out_norm(ctx))
+
+
 def fan_out_from_columns(
     ctx: GrowthContext, row_blocks: dict[str, tuple[int, int]], cols: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -431,21 +405,21 @@ def fallback_when_unsupported(
 random_when_unsupported = fallback_when_unsupported(random_init, "random")
 
 
-@register_initializer("gradmax")
+@takes_options(GradMaxOptions)
 @random_when_unsupported
 def gradmax_init(ctx: GrowthContext) -> NewChannels:
     """Fan-out = top-k left singular vectors of M, each scaled to ``scale`` x the mean existing
     fan-out norm (or ``norm``); fan-in = ``epsilon`` x the mean fan-in norm along the new
     gradient's descent direction, so new units sit just off zero and ReLUs pass gradient."""
     opts = ctx.options
-    stats = gradient_matrix(ctx, int(opts.get("max_samples", 512)))
+    stats = gradient_matrix(ctx, opts.max_samples)
     m = stats.matrix
-    target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
+    target_norm = fan_out_norm(ctx, opts)
     u, s = top_singular_vectors(m, ctx.k)
     u, _, info = fill_past_rank(u, s, ctx.k, m, torch.finfo(m.dtype).eps)
     info["samples"] = stats.samples
     cols = u * target_norm
-    epsilon = float(opts.get("epsilon", 1e-8))
+    epsilon = opts.epsilon
     new = fan_in_from_gradient(ctx, m, cols, epsilon)
     info["fan_in_grad_norm"] = float((cols.T @ m).norm())
     info["singular_values"] = [float(v) for v in s[: ctx.k]]
@@ -467,7 +441,7 @@ def fan_in_gradient_norm(ctx: GrowthContext, new: NewChannels) -> float | None:
     """||dL/dW_in|| of the new channels for any initializer's fan-out (None where the group is
     outside GradMax's statistics), so the history can compare initializers."""
     try:
-        stats = gradient_matrix(ctx, int(ctx.options.get("max_samples", 512)))
+        stats = gradient_matrix(ctx, ctx.options.max_samples)
     except GradMaxUnsupported:
         return None
     cols = torch.cat([_columns(ctx, name, new.fan_out[name]) for name in stats.row_blocks])
@@ -482,7 +456,7 @@ def _columns(ctx: GrowthContext, name: str, fan_out: torch.Tensor) -> torch.Tens
     return block.reshape(-1, ctx.k)
 
 
-@register_initializer("gradmax_opt")
+@takes_options(GradMaxOptOptions)
 @random_when_unsupported
 def gradmax_opt_init(ctx: GrowthContext) -> NewChannels:
     """GradMax by optimisation (the paper's GradMax-Opt): Adam on the fan-out instead of an SVD.
@@ -501,18 +475,18 @@ def gradmax_opt_init(ctx: GrowthContext) -> NewChannels:
     the single ``gradient_matrix`` pass; everything else runs on M's device.
     """
     opts = ctx.options
-    stats = gradient_matrix(ctx, int(opts.get("max_samples", 512)))
+    stats = gradient_matrix(ctx, opts.max_samples)
     m = stats.matrix
-    target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
-    steps = int(opts.get("steps", 100))
-    orthogonal = bool(opts.get("orthogonal", False)) and ctx.k <= m.shape[0]
+    target_norm = fan_out_norm(ctx, opts)
+    steps = opts.steps
+    orthogonal = opts.orthogonal and ctx.k <= m.shape[0]
     # The ascent runs on unit columns, scaled to ``target_norm`` at the end. Adam moves every
     # coordinate by about lr per step (less as the tangent gradient fades) and unit columns have
     # coordinates of about 1/sqrt(rows), so the default turns a column by a sizeable fraction of
     # its length at first and then settles. Measured on the test models after 100 steps: 0.1
     # reaches 1.000 of the optimum per column but only 0.979 with ``orthogonal``; 0.3 >= 0.996.
-    lr = float(opts.get("lr") or 0.3 / math.sqrt(m.shape[0]))
-    gen = seeded_generator(m.device, opts.get("seed"))
+    lr = float(opts.lr or 0.3 / math.sqrt(m.shape[0]))
+    gen = seeded_generator(m.device, opts.seed)
     start = torch.randn(m.shape[0], ctx.k, device=m.device, dtype=m.dtype, generator=gen)
     unit = _project(start, orthogonal)
     optimizer = torch.optim.Adam([unit], lr=lr)
@@ -536,7 +510,7 @@ def gradmax_opt_init(ctx: GrowthContext) -> NewChannels:
             optimizer.step()
             unit.copy_(_project(unit, orthogonal))
     cols = best * target_norm
-    epsilon = float(opts.get("epsilon", 1e-8))
+    epsilon = opts.epsilon
     new = fan_in_from_gradient(ctx, m, cols, epsilon)
     info: dict[str, Any] = {
         "samples": stats.samples,
@@ -556,11 +530,3 @@ def _project(cols: torch.Tensor, orthogonal: bool) -> torch.Tensor:
         signs = torch.sign(torch.diagonal(r))
         return q * torch.where(signs == 0, torch.ones_like(signs), signs)
     return cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-30)
-
-
-def seeded_generator(device: torch.device, seed: Any) -> torch.Generator:
-    """A generator on ``device``: seeded by ``seed``, or drawn from the global RNG so that
-    ``torch.manual_seed`` makes runs repeatable."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    return torch.Generator(device=device).manual_seed(int(seed))

@@ -23,14 +23,18 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from dynarch.errors import UnknownTargetError, close_matches
-from dynarch.surgery.layers import (
+from dynarch.layer_kinds import (
     CHANNELWISE,
     CONSUMER,
     PRODUCER,
     is_weighted,
+    kind_of,
+    node_attrs,
     role_of,
+    torch_pruning_pruners,
     unsupported_reason,
 )
+from dynarch.probes import modes_restored
 
 # Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
 _CHANNEL_REARRANGING = (
@@ -174,13 +178,10 @@ def remember_example_inputs(model: nn.Module, example_inputs: Any) -> Any:
 
 def _trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Torch-Pruning's trace, without leaving the model in eval mode."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_restored(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs, verbose=False, customized_pruners=torch_pruning_pruners()
+        )
 
 
 @contextmanager
@@ -222,27 +223,7 @@ def _node_attrs(module: nn.Module, name: str | None) -> dict[str, Any]:
         "module": name,
         "params": sum(p.numel() for p in module.parameters(recurse=False)),
     }
-    if isinstance(module, nn.modules.conv._ConvNd):
-        attrs.update(
-            in_channels=module.in_channels,
-            out_channels=module.out_channels,
-            kernel="x".join(map(str, module.kernel_size)),
-            stride="x".join(map(str, module.stride)),
-            groups=module.groups,
-        )
-    elif isinstance(module, nn.Linear):
-        attrs.update(in_channels=module.in_features, out_channels=module.out_features)
-    else:
-        width = next(
-            (
-                t.shape[0]
-                for t in (getattr(module, "weight", None), getattr(module, "running_mean", None))
-                if t is not None
-            ),
-            None,
-        )
-        if width is not None:
-            attrs.update(in_channels=int(width), out_channels=int(width))
+    attrs.update(node_attrs(module))
     return attrs
 
 
@@ -351,9 +332,9 @@ def _channel_group(
         if reason:
             unsupported = unsupported or f"{mname}: {reason}"
             continue
-        side = "out" if out_side else "in"
-        if not isinstance(target, (nn.modules.conv._ConvNd, nn.Linear)):
-            side = "out"  # channel-wise layers have one channel dimension
+        kind = kind_of(target)
+        # channel-wise layers (norms) have one channel dimension
+        side = "out" if out_side or not (kind and kind.two_sided) else "in"
         member, problem = _placement(
             mname, side, role_of(target, side), item.idxs, item.root_idxs, width
         )

@@ -11,36 +11,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
+from dynarch.basic_inits import gate_batchnorm
 from dynarch.errors import DynarchError
 from dynarch.gradmax import (
-    existing_fan_out_norm,
+    GradMaxOptions,
     fan_in_from_gradient,
     fan_out_from_columns,
+    fan_out_norm,
     gradient_matrix,
-    mean_weight_grads,
     random_when_unsupported,
-    seeded_generator,
 )
 from dynarch.graph import GroupMember
-from dynarch.initializers import (
-    GrowthContext,
-    NewChannels,
-    gate_batchnorm,
-    register_initializer,
-)
-from dynarch.surgery.layers import CHANNELWISE, CONSUMER, PRODUCER, channel_tensors
-
-# Channel-wise layers whose output for a channel depends on other channels: a copied channel
-# shifts their statistics, so a split is not exactly function preserving through them.
-_CROSS_CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)
+from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels, takes_options
+from dynarch.layer_kinds import CHANNELWISE, CONSUMER, PRODUCER, channel_tensors, mixes_channels
+from dynarch.probes import mean_weight_grads, seeded_generator
 
 
-@register_initializer("net2net")
+@dataclass(frozen=True)
+class Net2NetOptions(GrowthOptions):
+    pick: str = "random"  # or "largest" fan-in norm
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class FireflyOptions(GradMaxOptions):
+    candidates: int | None = None  # default 4k
+    steps: int = 10
+    lr: float = 1.0
+
+
+@takes_options(Net2NetOptions)
 def net2net_init(ctx: GrowthContext) -> NewChannels:
     """Split k existing channels (Net2Net's wider operator): exact function preservation with
     non-zero fan-in, the classic alternative to zero-initialised growth.
@@ -54,12 +59,12 @@ def net2net_init(ctx: GrowthContext) -> NewChannels:
     """
     opts = ctx.options
     group = ctx.group
-    noise = float(opts.get("noise", 0.0))
+    noise = opts.noise
     if noise < 0:
         raise DynarchError(f"net2net noise must be >= 0, got {noise}")
     first = ctx.modules[group.producers[0]].weight
-    gen = seeded_generator(first.device, opts.get("seed"))
-    chosen = _pick_channels(ctx, str(opts.get("pick", "random")), gen)
+    gen = seeded_generator(first.device, opts.seed)
+    chosen = _pick_channels(ctx, opts.pick, gen)
     copies = torch.bincount(chosen, minlength=group.width)  # r_c: copies made of channel c
     share = 1.0 / (copies + 1).to(first.dtype)  # noise-free fan-out share of every copy
 
@@ -76,7 +81,7 @@ def net2net_init(ctx: GrowthContext) -> NewChannels:
             if module.bias is not None:
                 new_values[(member.module, "bias")] = module.bias.detach().index_select(0, rows)
         elif member.role == CHANNELWISE:
-            if isinstance(module, _CROSS_CHANNEL_NORMS):
+            if mixes_channels(module):  # a copied channel shifts their statistics
                 info["not_exact"] = f"{member.module} normalises across channels"
             for ct in channel_tensors(module, CHANNELWISE):
                 t = getattr(module, ct.attr).detach()
@@ -164,7 +169,7 @@ def _split_fan_in_grad_norm(
     weights = [ctx.modules[m.module].weight for m in members]
     if not all(w.requires_grad for w in weights):
         return None
-    max_samples = int(ctx.options.get("max_samples", 512))
+    max_samples = ctx.options.max_samples
     means, samples = mean_weight_grads(ctx.model, weights, ctx.data, ctx.loss_fn, max_samples)
     if samples == 0:
         return None
@@ -177,7 +182,7 @@ def _split_fan_in_grad_norm(
     return math.sqrt(sq)
 
 
-@register_initializer("firefly")
+@takes_options(FireflyOptions)
 @random_when_unsupported
 def firefly_init(ctx: GrowthContext) -> NewChannels:
     """Firefly-style search: ``candidates`` (default 4k) random unit fan-outs, ``steps`` (10)
@@ -189,13 +194,12 @@ def firefly_init(ctx: GrowthContext) -> NewChannels:
     the scale of M and no candidate's score ever decreases (``lr`` default 1).
     """
     opts = ctx.options
-    stats = gradient_matrix(ctx, int(opts.get("max_samples", 512)))
+    stats = gradient_matrix(ctx, opts.max_samples)
     m = stats.matrix
-    target_norm = float(opts.get("norm") or opts.get("scale", 0.5) * existing_fan_out_norm(ctx))
-    count = max(int(opts.get("candidates", 4 * ctx.k)), ctx.k)
-    steps = int(opts.get("steps", 10))
-    lr = float(opts.get("lr", 1.0))
-    gen = seeded_generator(m.device, opts.get("seed"))
+    target_norm = fan_out_norm(ctx, opts)
+    count = max(opts.candidates or 4 * ctx.k, ctx.k)
+    steps, lr = opts.steps, opts.lr
+    gen = seeded_generator(m.device, opts.seed)
     u = torch.randn(m.shape[0], count, device=m.device, dtype=m.dtype, generator=gen)
     u = u / u.norm(dim=0, keepdim=True).clamp_min(1e-30)
     start_scores = (m.T @ u).norm(dim=0)
@@ -207,7 +211,7 @@ def firefly_init(ctx: GrowthContext) -> NewChannels:
     scores = (m.T @ u).norm(dim=0)
     top = scores.topk(ctx.k).indices
     cols = u[:, top] * target_norm
-    epsilon = float(opts.get("epsilon", 1e-8))
+    epsilon = opts.epsilon
     new = fan_in_from_gradient(ctx, m, cols, epsilon)
     info: dict[str, Any] = {
         "samples": stats.samples,

@@ -1,108 +1,72 @@
-"""How new channels are initialised: a registry of named initializers, one growth hook.
+"""The initializers by name: one table, options checked when an initializer is chosen.
 
-An initializer receives a :class:`GrowthContext` (the model before growth, the channel group,
-k, optional data) and returns :class:`NewChannels`: the new fan-in rows of every producer and
-the new fan-out columns of every consumer. The surgery inserts them; channel-wise layers
-(BatchNorm, depthwise convs) always get neutral values.
-
-Register your own with ``@register_initializer("name")`` or pass ``init="pkg.module:function"``.
+Built-ins: ``random``, ``zeros`` (:mod:`dynarch.basic_inits`), ``gradmax``, ``gradmax_opt``
+(:mod:`dynarch.gradmax`), ``gradmax_fanin``, ``gradmax_fanin_opt`` (:mod:`dynarch.fanin`),
+``tiny`` (:mod:`dynarch.tiny`), ``net2net``, ``firefly`` (:mod:`dynarch.growth_baselines`).
+Register your own with ``@register_initializer("name", options=MyOptions)`` or pass
+``init="pkg.module:function"`` (its options class is the function's ``options_type``).
 """
 
 from __future__ import annotations
 
 import importlib
-import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from torch import nn
-
+from dynarch.basic_inits import random_init, zeros_init
 from dynarch.errors import DynarchError, close_matches
-from dynarch.graph import ChannelGroup
-from dynarch.surgery.layers import CHANNELWISE, CONSUMER, receptive_field
+from dynarch.fanin import gradmax_fanin_init, gradmax_fanin_opt_init
+from dynarch.gradmax import fan_in_gradient_norm, gradmax_init, gradmax_opt_init
+from dynarch.growth_baselines import firefly_init, net2net_init
+from dynarch.growth_context import (
+    GrowthContext,
+    GrowthOptions,
+    Initializer,
+    NewChannels,
+    options_type,
+    parse_options,
+    takes_options,
+)
+from dynarch.tiny import tiny_init
+
+__all__ = [
+    "GrowthContext",
+    "GrowthOptions",
+    "NewChannels",
+    "available_initializers",
+    "check_initializer",
+    "get_initializer",
+    "new_channels",
+    "register_initializer",
+]
+
+_REGISTRY: dict[str, Initializer] = {
+    "random": random_init,
+    "zeros": zeros_init,
+    "gradmax": gradmax_init,
+    "gradmax_opt": gradmax_opt_init,
+    "gradmax_fanin": gradmax_fanin_init,
+    "gradmax_fanin_opt": gradmax_fanin_opt_init,
+    "tiny": tiny_init,
+    "net2net": net2net_init,
+    "firefly": firefly_init,
+}
 
 
-@dataclass
-class GrowthContext:
-    """Everything an initializer may look at; the model is still at its old width."""
-
-    model: nn.Module
-    group: ChannelGroup
-    k: int
-    modules: dict[str, nn.Module]
-    data: Any = None
-    loss_fn: Callable | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    # sums a statistic over all training processes (multi-process runs); None: one process
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-    init_name: str = "custom"  # for messages
-
-    def fan_in_shape(self, producer: str) -> tuple[int, ...]:
-        w = self.modules[producer].weight
-        return (self.k, *w.shape[1:])
-
-    def fan_out_shape(self, consumer: str) -> tuple[int, ...]:
-        w = self.modules[consumer].weight
-        mult = next(
-            m.multiplicity
-            for m in self.group.members
-            if m.module == consumer and m.role == CONSUMER
-        )
-        return (w.shape[0], self.k * mult, *w.shape[2:])
-
-    def consumer_fan_in(self, consumer: str) -> int:
-        """Fan-in of a consumer after growth (for default-scale random weights)."""
-        shape = self.fan_out_shape(consumer)
-        w = self.modules[consumer].weight
-        return (w.shape[1] + shape[1]) * receptive_field(w)
-
-
-@dataclass
-class NewChannels:
-    """Values for the k new channels: fan-in rows per producer, fan-out columns per consumer.
-
-    ``new_values`` overrides the default new slice of any other member tensor, keyed by
-    ``(module, attr)`` (e.g. a producer's bias or a BatchNorm's running stats when splitting
-    units); ``existing`` replaces a member tensor's *existing* entries (same shape as now),
-    e.g. the halved fan-out of a split unit. Both are applied inside the atomic surgery.
-    """
-
-    fan_in: dict[str, torch.Tensor]
-    fan_out: dict[str, torch.Tensor]
-    info: dict[str, Any] = field(default_factory=dict)
-    new_values: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-    existing: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-
-
-Initializer = Callable[[GrowthContext], NewChannels]
-_REGISTRY: dict[str, Initializer] = {}
-
-
-def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
-    """Decorator: make an initializer available as ``grow(..., init=name)``."""
+def register_initializer(
+    name: str, options: type[GrowthOptions] | None = None
+) -> Callable[[Initializer], Initializer]:
+    """Decorator: make an initializer available as ``grow(..., init=name)``; ``options`` is the
+    frozen dataclass of the options it reads from ``ctx.options`` (default: the shared ones)."""
 
     def decorate(fn: Initializer) -> Initializer:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = takes_options(options)(fn) if options is not None else fn
         return fn
 
     return decorate
 
 
-def _load_builtins() -> None:
-    """Import the modules that register the built-in initializers (gradmax, gradmax_opt,
-    gradmax_fanin, gradmax_fanin_opt, tiny, net2net, firefly); here rather than in
-    ``dynarch/__init__`` so that importing dynarch stays cheap for the command line's error
-    paths."""
-    import dynarch.fanin  # noqa: F401
-    import dynarch.gradmax  # noqa: F401
-    import dynarch.growth_baselines  # noqa: F401
-    import dynarch.tiny  # noqa: F401
-
-
 def available_initializers() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -110,7 +74,8 @@ def get_initializer(init: str | Initializer) -> Initializer:
     """Resolve a registered name, an import path ``pkg.mod:fn`` / ``pkg.mod.fn``, or a callable."""
     if callable(init):
         return init
-    _load_builtins()
+    if not isinstance(init, str):
+        raise DynarchError(f"init must be a name or a function, got {init!r}")
     if init in _REGISTRY:
         return _REGISTRY[init]
     if "." in init or ":" in init:
@@ -127,183 +92,25 @@ def get_initializer(init: str | Initializer) -> Initializer:
     )
 
 
-def default_uniform(shape: tuple[int, ...], fan_in: int, like: torch.Tensor) -> torch.Tensor:
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default conv/linear weight scale."""
-    bound = 1.0 / math.sqrt(max(fan_in, 1))
-    return torch.empty(shape, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
+def init_name(init: str | Initializer) -> str:
+    return init if isinstance(init, str) else getattr(init, "__name__", "custom")
 
 
-def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(shape, device=like.device, dtype=like.dtype)
+def check_initializer(
+    init: str | Initializer, options: Mapping[str, Any] | GrowthOptions | None = None
+) -> tuple[Initializer, GrowthOptions]:
+    """The initializer and its parsed options; one line for an unknown name or option (what
+    policies call when they are built, so a typo fails before training starts)."""
+    fn = get_initializer(init)
+    return fn, parse_options(options_type(fn), options, init_name(init))
 
 
-def epsilon_fan_in(
-    ctx: GrowthContext, producer: str, epsilon: float, direction: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A fan-in that is zero for all practical purposes: ``epsilon`` (initializer option,
-    default 1e-8) x the mean norm of the existing fan-in rows, along ``direction`` (random if
-    None).
-
-    Exactly zero fan-in behind a ReLU never learns (PyTorch's relu'(0) = 0); this tiny fan-in
-    puts the new unit just off zero, so the ReLU passes gradient to it, while the output moves
-    by ~epsilon (reported as ``output_change``). ``epsilon=0`` gives exact zeros.
-    """
-    w = ctx.modules[producer].weight.detach()
-    shape = ctx.fan_in_shape(producer)
-    if direction is None:
-        direction = torch.randn(shape, device=w.device, dtype=w.dtype)
-    direction = direction.reshape(shape[0], -1)
-    unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    scale = epsilon * mean_fan_in_norm(ctx, producer)
-    return (unit * scale).reshape(shape).to(w.dtype)
-
-
-def gate_batchnorm(ctx: GrowthContext, new: NewChannels, epsilon: float) -> NewChannels:
-    """Move the "near zero" of an epsilon fan-in onto the BatchNorm scale when a BatchNorm
-    normalises the producer's output.
-
-    In train mode BatchNorm divides each channel by its *batch* std. An epsilon fan-in gives
-    the new channel a batch std far below ``bn.eps``, so BatchNorm passes it with a gain of
-    gamma/sqrt(bn.eps) (~316) on the forward and the backward: the first SGD step moves the
-    fan-in ~316x further than GradMax's linearisation (BatchNorm as identity) assumes, and the
-    next forward renormalises the channel to unit variance -- the unit is fully on after one
-    step whatever the learning rate, with running statistics (var 1) orders of magnitude off
-    in eval mode. Instead the fan-in keeps its direction at the mean norm of the existing
-    fan-in rows (a normal-scale BatchNorm input), the new gamma is ``epsilon`` x the mean
-    |gamma| of the existing channels (the output still moves by ~epsilon, in train *and* eval
-    mode) and the running statistics are the new channels' statistics on ``ctx.data``. The
-    unit then phases in at the learning rate through gamma, whose gradient is
-    sum(dL/dy * x_hat): for GradMax's fan-in (minus the fan-in gradient) and fan-out that is
-    the GradMax objective again.
-
-    Applies to groups with one producer and exactly one affine BatchNorm (Conv-BN-act);
-    ``bn_gamma`` (initializer option, default ``epsilon``) sets the new gamma's share of the
-    mean |gamma| on its own: ``bn_gamma=1`` starts the units fully on (the function changes;
-    docs/study.md measures that gated units barely switch on within a short run).
-    ``bn_gate=False`` keeps the plain epsilon fan-in, and ``epsilon=0`` the exact zeros (a
-    unit that never trains).
-    """
-    if not ctx.options.get("bn_gate", True) or epsilon <= 0:
-        return new
-    norm = group_batchnorm(ctx)
-    if norm is None or (norm[0], "weight") in new.new_values:
-        return new
-    bn_name, bn = norm
-    producer_name = ctx.group.producers[0]
-    producer = ctx.modules[producer_name]
-    w = producer.weight.detach()
-    rows = new.fan_in[producer_name].reshape(ctx.k, -1)
-    norms = rows.norm(dim=1, keepdim=True)
-    direction = torch.where(norms > 0, rows, torch.randn_like(rows))
-    unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    fan_in = unit * mean_fan_in_norm(ctx, producer_name)
-    new.fan_in[producer_name] = fan_in.reshape(ctx.fan_in_shape(producer_name)).to(w.dtype)
-    gamma = float(ctx.options.get("bn_gamma", epsilon)) * float(bn.weight.detach().abs().mean())
-    start_batchnorm(ctx, new, gamma)
-    new.info["bn_gate"] = {"module": bn_name, "gamma": gamma}
+def new_channels(ctx: GrowthContext, init: Initializer) -> NewChannels:
+    """Run ``init`` and, with data, record the new fan-in's gradient norm (``fan_in_grad_norm``,
+    the GradMax objective) when the initializer did not: a zero fan-out passes no gradient
+    back, so that is 0 without a statistics pass."""
+    new = init(ctx)
+    if ctx.data is not None and ctx.loss_fn is not None and "fan_in_grad_norm" not in new.info:
+        zero_fan_out = bool(new.fan_out) and not any(t.any() for t in new.fan_out.values())
+        new.info["fan_in_grad_norm"] = 0.0 if zero_fan_out else fan_in_gradient_norm(ctx, new)
     return new
-
-
-def mean_fan_in_norm(ctx: GrowthContext, producer: str | None = None) -> float:
-    """Mean norm of a producer's existing fan-in rows (default: the group's first): the scale
-    new rows are given."""
-    w = ctx.modules[producer or ctx.group.producers[0]].weight.detach()
-    return float(w.flatten(1).norm(dim=1).mean())
-
-
-def group_batchnorm(ctx: GrowthContext) -> tuple[str, nn.Module] | None:
-    """The one affine BatchNorm that normalises the single producer's output (Conv-BN-act),
-    or None for any other group shape."""
-    if len(ctx.group.producers) != 1:
-        return None
-    norms = [
-        m.module
-        for m in ctx.group.members
-        if m.role == CHANNELWISE
-        and isinstance(ctx.modules[m.module], nn.modules.batchnorm._BatchNorm)
-    ]
-    if len(norms) != 1 or ctx.modules[norms[0]].weight is None:
-        return None
-    return norms[0], ctx.modules[norms[0]]
-
-
-def start_batchnorm(
-    ctx: GrowthContext, new: NewChannels, gamma: float | torch.Tensor, running_stats: bool = True
-) -> None:
-    """New channels of the group's BatchNorm (:func:`group_batchnorm`): scale ``gamma``,
-    beta 0, and (``running_stats``, a forward pass) running statistics measured on
-    ``ctx.data`` with the new fan-in, so that eval mode sees what train mode sees."""
-    norm = group_batchnorm(ctx)
-    assert norm is not None, "start_batchnorm needs a Conv-BN group"
-    bn_name, bn = norm
-    weight = bn.weight.detach()
-    new.new_values[(bn_name, "weight")] = (
-        torch.as_tensor(gamma, dtype=weight.dtype, device=weight.device).expand(ctx.k).clone()
-    )
-    if not running_stats:
-        return
-    producer = ctx.modules[ctx.group.producers[0]]
-    stats = _new_channel_stats(ctx, producer, new.fan_in[ctx.group.producers[0]])
-    if stats is not None and bn.running_mean is not None and bn.running_var is not None:
-        mean, var = stats
-        new.new_values[(bn_name, "running_mean")] = mean.to(bn.running_mean.dtype)
-        new.new_values[(bn_name, "running_var")] = var.to(bn.running_var.dtype)
-
-
-def _new_channel_stats(ctx: GrowthContext, producer: nn.Module, fan_in: torch.Tensor):
-    """Per-channel mean and (unbiased) variance of the new channels' pre-BatchNorm output on
-    ``ctx.data`` in train mode (running statistics restored), or None without data."""
-    if ctx.data is None or not isinstance(producer, (nn.Conv2d, nn.Linear)):
-        return None
-    from dynarch.gradmax import batches, buffers_restored  # gradmax imports this module
-
-    inputs: list[torch.Tensor] = []
-    hook = producer.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
-    was_training = ctx.model.training
-    try:
-        with buffers_restored(ctx.model), torch.no_grad():
-            ctx.model.train()
-            for x, _ in batches(ctx.data, int(ctx.options.get("max_samples", 512))):
-                ctx.model(x.to(producer.weight.device))
-    finally:
-        hook.remove()
-        ctx.model.train(was_training)
-    if not inputs:
-        return None
-    x = torch.cat(inputs)
-    w = fan_in.to(producer.weight.dtype)
-    if isinstance(producer, nn.Linear):
-        z = nn.functional.linear(x, w)
-        dims: tuple[int, ...] = (0,)
-    else:
-        z = nn.functional.conv2d(
-            x, w, None, producer.stride, producer.padding, producer.dilation, producer.groups
-        )
-        dims = (0, 2, 3)
-    if z.numel() // z.shape[1] < 2:
-        return None
-    return z.mean(dims), z.var(dims)
-
-
-@register_initializer("random")
-def random_init(ctx: GrowthContext) -> NewChannels:
-    """Zero fan-in (up to ``epsilon``), random fan-out at the layer's default scale; behind a
-    BatchNorm the near-zero is on the BatchNorm scale instead (:func:`gate_batchnorm`)."""
-    epsilon = float(ctx.options.get("epsilon", 1e-8))
-    fan_in = {p: epsilon_fan_in(ctx, p, epsilon) for p in ctx.group.producers}
-    fan_out = {
-        c: default_uniform(ctx.fan_out_shape(c), ctx.consumer_fan_in(c), ctx.modules[c].weight)
-        for c in ctx.group.consumers
-    }
-    return gate_batchnorm(ctx, NewChannels(fan_in, fan_out), epsilon)
-
-
-@register_initializer("zeros")
-def zeros_init(ctx: GrowthContext) -> NewChannels:
-    """Random fan-in at the layer's default scale, zero fan-out (function unchanged)."""
-    fan_in = {}
-    for p in ctx.group.producers:
-        w = ctx.modules[p].weight
-        fan_in[p] = default_uniform(ctx.fan_in_shape(p), w.shape[1] * receptive_field(w), w)
-    fan_out = {c: zeros(ctx.fan_out_shape(c), ctx.modules[c].weight) for c in ctx.group.consumers}
-    return NewChannels(fan_in, fan_out)

@@ -1,7 +1,7 @@
 """Questions about a run's history: the architecture at any step, widths, diffs, comparisons.
 
 ``dynarch.history.open(run_dir)`` returns a :class:`History`. It only reads (through
-:class:`~dynarch.history.HistoryReader`, read-only SQLite), so it works on a run that is still
+:class:`~dynarch.history_store.HistoryReader`, read-only SQLite), so it works on a run that is still
 writing and on an interrupted one. Every query re-reads the store, so a live run's new versions
 show up without reopening; decoded versions are cached because a version never changes.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import networkx as nx
 
-from dynarch.history import HistoryError, HistoryReader
+from dynarch.history_store import HistoryError, HistoryReader
 
 _CACHE_SIZE = 256
 
@@ -239,11 +239,7 @@ class History:
 
     def last_step(self) -> int:
         """The last step anything was logged at (the run's end, or where a live run is now)."""
-        row = self.reader.conn.execute(
-            "SELECT MAX(s) FROM (SELECT MAX(step) AS s FROM metrics UNION ALL "
-            "SELECT MAX(step) FROM events UNION ALL SELECT MAX(step) FROM architectures)"
-        ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return self.reader.last_step()
 
     def version_at(self, step: int) -> int:
         """Number of the architecture version in force at ``step``."""
@@ -257,12 +253,10 @@ class History:
             raise HistoryError(
                 f"step {step} is not in this run: it has steps 0..{last} (status {status})"
             )
-        row = self.reader.conn.execute(
-            "SELECT MAX(version) FROM architectures WHERE step <= ?", (step,)
-        ).fetchone()
-        if row is None or row[0] is None:
+        version = self.reader.version_at(step)
+        if version is None:
             raise HistoryError(f"{self.path} has no architecture logged at or before step {step}")
-        return int(row[0])
+        return version
 
     # -- the queries ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -22,30 +22,24 @@ preserving by design: the record says what the loss did.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynarch.basic_inits import group_batchnorm, mean_fan_in_norm, start_batchnorm
 from dynarch.fanin import grown_copy, whitening, zeros_when_unsupported
 from dynarch.gradmax import (
-    batches,
-    buffers_restored,
     existing_fan_out_norm,
     fan_out_from_columns,
     gradient_matrix,
     top_singular_vectors,
 )
-from dynarch.initializers import (
-    GrowthContext,
-    NewChannels,
-    group_batchnorm,
-    mean_fan_in_norm,
-    register_initializer,
-    start_batchnorm,
-)
-from dynarch.surgery.layers import CONSUMER
+from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels, takes_options
+from dynarch.layer_kinds import CONSUMER
+from dynarch.probes import batches, buffers_restored
 
 # Ridge of the consumer's input second moment, relative to its mean diagonal: dead inputs
 # (a ReLU channel that is zero on the batch) make it singular.
@@ -125,15 +119,25 @@ def _patches(consumer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     return p
 
 
-@register_initializer("tiny")
+@dataclass(frozen=True)
+class TinyOptions(GrowthOptions):
+    """``held_out``: share of the growth batch kept apart for the line search; ``amplitude``
+    fixes the fan-out amplitude instead; ``threshold``: relative eigenvalue floor."""
+
+    held_out: float = 0.5
+    amplitude: float | None = None
+    threshold: float = 1e-3
+
+
+@takes_options(TinyOptions)
 @zeros_when_unsupported
 def tiny_init(ctx: GrowthContext) -> NewChannels:
     """TINY's k neurons from the expressivity bottleneck, amplitude by line search (``amplitude=``
     fixes it). Options: ``max_samples`` (512), ``held_out`` (default 0.5: the last half of the
     growth batch is kept apart for the line search; 0: it uses the statistics' own samples,
     which on the CIFAR subset fitted the batch and cost 0.043 accuracy, docs/study.md)."""
-    max_samples = int(ctx.options.get("max_samples", 512))
-    ctx, search = _split(ctx, float(ctx.options.get("held_out", 0.5)), max_samples)
+    max_samples = ctx.options.max_samples
+    ctx, search = _split(ctx, ctx.options.held_out, max_samples)
     norm_info = group_batchnorm(ctx)
     behind_bn = norm_info is not None
     fit = _ConsumerFit()
@@ -142,7 +146,7 @@ def tiny_init(ctx: GrowthContext) -> NewChannels:
     proj = gradient_matrix(ctx, max_samples, centre=behind_bn, delta_map=fit.project)
     norm = mean_fan_in_norm(ctx)
     ridge = float(norm_info[1].eps) / norm**2 if behind_bn else 0.0
-    white = whitening(full, ridge, float(ctx.options.get("threshold", 1e-3)))
+    white = whitening(full, ridge, ctx.options.threshold)
     n_proj = -proj.matrix.double()  # rows: fan-out entries; columns: fan-in entries
     v, s = top_singular_vectors(n_proj @ white, min(ctx.k, *n_proj.shape))
     right = (white @ n_proj.T @ v) / s.clamp_min(1e-300)  # right singular vectors
@@ -210,9 +214,9 @@ def _line_search(
     growth batch, not the data). The grid is walked from t = 1 down and stops two points past
     the best (the loss along the line is taken to be unimodal). When t = 0 wins, the smallest t
     tried is used: the units are still added, nearly off."""
-    probe = grown_copy(ctx, new, data[0][0])
-    fixed = "amplitude" in ctx.options
-    grid = [float(ctx.options["amplitude"])] if fixed else [2.0**-j for j in range(13)]
+    probe = grown_copy(ctx, new)
+    fixed = ctx.options.amplitude is not None
+    grid = [ctx.options.amplitude] if fixed else [2.0**-j for j in range(13)]
     slices = {
         m.module: probe.get_submodule(m.module).weight.data.narrow(
             1, m.stop, ctx.k * m.multiplicity

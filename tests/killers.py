@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
-from dynarch.gradmax import gradmax_init
-from dynarch.initializers import GrowthContext, NewChannels
+from dynarch.gradmax import GradMaxOptions, gradmax_init
+from dynarch.growth_context import GrowthContext, NewChannels, takes_options
 from dynarch.policies import Schedule, TrainState
 
 
@@ -33,11 +34,17 @@ class KillAtStep(Schedule):
         return super().decide(state)
 
 
+@dataclass(frozen=True)
+class DyingOptions(GradMaxOptions):
+    marker: str | None = None  # the file that says the process died here once already
+
+
+@takes_options(DyingOptions)
 def gradmax_dying_midway(ctx: GrowthContext) -> NewChannels:
     """GradMax, but the process dies after the statistics pass, before any tensor changes."""
     new = gradmax_init(ctx)
-    if "marker" in ctx.options:
-        die_once(ctx.options["marker"])
+    if ctx.options.marker is not None:
+        die_once(ctx.options.marker)
     return new
 
 
@@ -55,6 +62,7 @@ class PoisonBatchAt(Schedule):
         return super().decide(state)
 
 
+@takes_options(GradMaxOptions)
 def wrong_shape_init(ctx: GrowthContext) -> NewChannels:
     """A user initializer with a bug: its fan-in has one row too many."""
     new = gradmax_init(ctx)

@@ -22,7 +22,7 @@ from dynarch.gradmax import (
     top_singular_vectors,
 )
 from dynarch.growth_baselines import firefly_init
-from dynarch.initializers import GrowthContext
+from dynarch.growth_context import GrowthContext, options_type, parse_options
 from dynarch.surgery.plan import resolve
 
 
@@ -164,7 +164,8 @@ def test_net2net_copies_depthwise_kernels() -> None:
 # -- the optimisers against an M computed here -------------------------------------------------
 
 
-def _conv_conv_context(k: int, **options) -> GrowthContext:
+def _conv_conv_context(k: int, init=gradmax_opt_init, **options) -> GrowthContext:
+    """A conv -> conv model's growth context, with ``options`` parsed for ``init``."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1),
@@ -176,7 +177,8 @@ def _conv_conv_context(k: int, **options) -> GrowthContext:
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.arange(16) % 10
     group, _, modules = resolve(model, "0", x)
-    return GrowthContext(model, group, k, modules, (x, y), nn.CrossEntropyLoss(), options)
+    parsed = parse_options(options_type(init), options, "test")
+    return GrowthContext(model, group, k, modules, (x, y), nn.CrossEntropyLoss(), parsed)
 
 
 def _columns(ctx: GrowthContext, fan_out: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ def test_firefly_improves_on_its_random_candidates() -> None:
     _, s = top_singular_vectors(m, k)
     mean_random = statistics.mean(_random_objectives(m, k, norm))
 
-    new = firefly_init(_conv_conv_context(k, seed=0))
+    new = firefly_init(_conv_conv_context(k, firefly_init, seed=0))
     cols = _columns(ctx, new.fan_out["2"])
     torch.testing.assert_close(cols.norm(dim=0), torch.full((k,), norm), rtol=1e-5, atol=0)
     achieved = _objective(cols, m)
@@ -245,7 +247,7 @@ def test_firefly_improves_on_its_random_candidates() -> None:
     # Measured over 20 seeds: picking the best 3 of 12 random candidates alone (steps=0) gives
     # 1.07-1.9x the mean random objective, 10 ascent steps give 5.7x. 3x needs the ascent.
     assert achieved >= 3 * mean_random
-    no_ascent = firefly_init(_conv_conv_context(k, seed=0, steps=0))
+    no_ascent = firefly_init(_conv_conv_context(k, firefly_init, seed=0, steps=0))
     assert no_ascent.info["fan_in_grad_norm"] < 3 * mean_random
 
 

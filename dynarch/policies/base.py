@@ -17,8 +17,8 @@ import torch_pruning as tp
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.gradmax import buffers_restored
 from dynarch.graph import ArchGraph, remember_example_inputs
+from dynarch.probes import buffers_restored, modes_restored
 
 
 class PolicyError(DynarchError):
@@ -128,12 +128,8 @@ class TrainState:
 
 def count_macs(model: nn.Module) -> int:
     """MACs per sample (Torch-Pruning's counter, on the remembered example inputs)."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with modes_restored(model):
         macs, _ = tp.utils.count_ops_and_params(model, remember_example_inputs(model, None))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return int(macs)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dynarch.errors import close_matches
+from dynarch.errors import DynarchError
+from dynarch.initializers import check_initializer
 from dynarch.policies.amount import amount_from
 from dynarch.policies.base import (
     Mutation,
@@ -19,7 +20,7 @@ from dynarch.policies.base import (
     check_positive,
 )
 from dynarch.policies.budget import COUNTERS, fit_growth, fit_pruning
-from dynarch.surgery.prune import IMPORTANCES
+from dynarch.surgery.prune import check_importance
 
 
 def _limits(**given: int | None) -> dict[str, int]:
@@ -63,6 +64,10 @@ class Grow:
         check_positive("max_width", max_width, allow_none=True)
         self.limits = _limits(max_params=max_params, max_macs=max_macs)
         self.when, self.where, self.max_width = when, where, max_width
+        try:  # a misspelt init or option fails here, not at the first growth mid-run
+            check_initializer(init, init_options)
+        except DynarchError as exc:
+            raise PolicyError(f"init: {exc}") from None
         self.init, self.init_options = init, dict(init_options or {})
 
     def check(self, state: TrainState) -> None:
@@ -130,11 +135,10 @@ class Prune:
         check_fraction("ratio", ratio, allow_none=True, below_one=True)
         self.limits = _limits(to_params=to_params, to_macs=to_macs)
         check_positive("min_width", min_width)
-        if importance not in IMPORTANCES:
-            raise PolicyError(
-                f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}"
-                + close_matches(importance, IMPORTANCES)
-            )
+        try:
+            check_importance(importance)
+        except DynarchError as exc:
+            raise PolicyError(str(exc)) from None
         self.when, self.where, self.k, self.ratio = when, where, k, ratio
         self.importance, self.min_width = importance, min_width
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynarch.errors import DynarchError, close_matches
-from dynarch.initializers import get_initializer
+from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
-from dynarch.surgery.prune import IMPORTANCES
+from dynarch.surgery.prune import check_importance
 
 OPS = ("grow", "prune")
 _ENTRY_KEYS = {
@@ -147,15 +147,14 @@ def _parse(entries: Any) -> list[_Entry]:
             mutation.init = entry.get("init", "random")
             mutation.init_options = dict(entry.get("init_options") or {})
             try:
-                get_initializer(mutation.init)
+                check_initializer(mutation.init, mutation.init_options)
             except DynarchError as exc:
                 raise ScheduleError(f"{where}: {exc}") from None
         else:
             mutation.importance = entry.get("importance", "magnitude")
-            if mutation.importance not in IMPORTANCES:
-                raise ScheduleError(
-                    f"{where}: unknown importance {mutation.importance!r}; known: "
-                    f"{', '.join(IMPORTANCES)}" + close_matches(mutation.importance, IMPORTANCES)
-                )
+            try:
+                check_importance(mutation.importance)
+            except DynarchError as exc:
+                raise ScheduleError(f"{where}: {exc}") from None
         parsed.append(_Entry(index, float(when), in_steps, mutation))
     return parsed

@@ -16,15 +16,15 @@ from torch import nn
 
 from dynarch.gradmax import (
     GradMaxUnsupported,
-    buffers_restored,
     existing_fan_out_norm,
     gradient_matrix,
     top_singular_vectors,
 )
 from dynarch.graph import GroupMember
 from dynarch.initializers import GrowthContext
+from dynarch.layer_kinds import CONSUMER
 from dynarch.policies.base import TrainState
-from dynarch.surgery.layers import CONSUMER
+from dynarch.probes import buffers_restored
 
 # Rows of the activation matrix kept for its singular values (evenly spaced); enough for a
 # stable effective dimension, bounded so wide early conv maps stay cheap.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dynarch.surgery.layers import SIZE_ATTRS
+from dynarch.layer_kinds import size_attrs
 
 
 @dataclass
@@ -94,7 +94,7 @@ def all_or_nothing(
             m,
             dict(m._parameters),
             dict(m._buffers),
-            {a: getattr(m, a) for a in SIZE_ATTRS if hasattr(m, a)},
+            {a: getattr(m, a) for a in size_attrs(m) if hasattr(m, a)},
         )
         for m in modules
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,16 +11,22 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.gradmax import fan_in_gradient_norm, mean_weight_grads
-from dynarch.graph import ChannelGroup
-from dynarch.initializers import GrowthContext, NewChannels, get_initializer
+from dynarch.graph import ChannelGroup, remember_example_inputs
+from dynarch.initializers import (
+    GrowthContext,
+    NewChannels,
+    check_initializer,
+    init_name,
+    new_channels,
+)
+from dynarch.layer_kinds import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
 from dynarch.models import count_params
+from dynarch.probes import mean_weight_grads, modes_restored
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map, remap
-from dynarch.surgery.layers import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
 from dynarch.surgery.plan import (
     check_forward,
-    check_group_norms,
     check_k,
+    check_widths,
     eval_output,
     resolve,
     swap_tensors,
@@ -51,21 +58,26 @@ def grow(
     """
     start = time.perf_counter()
     k = check_k(k)
-    initializer = get_initializer(init)
+    initializer, options = check_initializer(init, init_options)
     group, _, modules = resolve(model, target, example_inputs, data)
-    check_group_norms(group, modules, lambda width: width + k)
+    check_widths(group, modules, k)
     params_before = count_params(model)
 
-    name = init if isinstance(init, str) else getattr(init, "__name__", "custom")
+    name = init_name(init)
     ctx = GrowthContext(
-        model, group, k, modules, data, loss_fn, dict(init_options), reduce_sum, name
+        model,
+        group,
+        k,
+        modules,
+        data,
+        loss_fn,
+        options,
+        reduce_sum,
+        name,
+        grown_copy=lambda new: _grown_copy(model, target, k, new),
     )
-    new = initializer(ctx)
+    new = new_channels(ctx, initializer)
     _check_new_channels(ctx, new)
-    zero_fan_out = _zero_fan_out(new)
-    if data is not None and loss_fn is not None and "fan_in_grad_norm" not in new.info:
-        # a zero fan-out passes no gradient back to the fan-in: 0 without a statistics pass
-        new.info["fan_in_grad_norm"] = 0.0 if zero_fan_out else fan_in_gradient_norm(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
     before = eval_output(model)
@@ -75,9 +87,9 @@ def grow(
     if torch.is_tensor(before) and torch.is_tensor(after):
         # 0 for function-preserving inits; the eps fan-in of gradmax shows up here
         new.info["output_change"] = float((after - before).abs().max())
-    if data is not None and loss_fn is not None and zero_fan_out:
+    if data is not None and loss_fn is not None and _zero_fan_out(new):
         new.info["fan_out_grad_norm"] = new_fan_out_grad_norm(
-            model, group, modules, k, data, loss_fn, int(init_options.get("max_samples", 512))
+            model, group, modules, k, data, loss_fn, options.max_samples
         )
     return MutationRecord(
         kind="grow",
@@ -94,6 +106,19 @@ def grow(
         seconds=time.perf_counter() - start,
         info=new.info,
     )
+
+
+def _grown_copy(model: nn.Module, target: str, k: int, new: NewChannels) -> nn.Module:
+    """A deep copy of ``model`` with ``target`` grown by ``k`` channels holding ``new``."""
+    copy_of_model = copy.deepcopy(model)
+    grow(
+        copy_of_model,
+        target,
+        k,
+        init=lambda _: new,
+        example_inputs=remember_example_inputs(model, None),
+    )
+    return copy_of_model
 
 
 def _zero_fan_out(new: NewChannels) -> bool:
@@ -119,12 +144,8 @@ def new_fan_out_grad_norm(
     if not consumers:  # frozen consumers: nothing to measure
         return None
     weights = [modules[m.module].weight for m in consumers]
-    was_training = model.training
-    try:
-        model.train()
+    with modes_restored(model, training=True):
         means, _ = mean_weight_grads(model, weights, data, loss_fn, max_samples)
-    finally:
-        model.train(was_training)
     sq = 0.0
     for m, mean in zip(consumers, means, strict=True):
         sq += float(mean.narrow(1, m.stop, k * m.multiplicity).pow(2).sum())

@@ -15,8 +15,9 @@ from dynarch.errors import (
     close_matches,
 )
 from dynarch.graph import ChannelGroup, remember_example_inputs, trace_group
+from dynarch.layer_kinds import channel_tensors, is_weighted, sync_sizes, width_problem
+from dynarch.probes import modes_restored
 from dynarch.surgery.edits import TensorEdit, remap, remap_optimizer
-from dynarch.surgery.layers import is_weighted, sync_sizes
 
 
 def resolve(
@@ -32,9 +33,10 @@ def resolve(
         layers = [n for n, m in named.items() if is_weighted(m)]
         raise UnknownTargetError(f"no module named {target!r}" + close_matches(target, layers))
     module = named[target]
-    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+    if not is_weighted(module):
         raise UnknownTargetError(
-            f"{target!r} is a {type(module).__name__}; targets are conv or linear layers"
+            f"{target!r} is a {type(module).__name__}; targets are conv or linear layers "
+            "(not depthwise)"
         )
     if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
         example_inputs = data[0]
@@ -54,29 +56,24 @@ def check_k(k: Any, what: str = "k") -> int:
     return k
 
 
-def check_group_norms(group: ChannelGroup, modules: dict[str, nn.Module], new_width_of) -> None:
-    """GroupNorm needs its channel count divisible by its number of groups."""
+def check_widths(group: ChannelGroup, modules: dict[str, nn.Module], change: int) -> None:
+    """Width constraints of the members' layer kinds after adding ``change`` channels to the
+    group (GroupNorm: divisible by its number of groups)."""
     for m in group.members:
         module = modules[m.module]
-        if isinstance(module, nn.GroupNorm):
-            width = new_width_of(module.num_channels)
-            if width % module.num_groups:
-                raise InvalidMutationError(
-                    f"{m.module}: GroupNorm with {module.num_groups} groups cannot have "
-                    f"{width} channels"
-                )
+        tensors = channel_tensors(module, m.role)
+        if not tensors:
+            continue
+        size = getattr(module, tensors[0].attr).shape[tensors[0].dim]
+        problem = width_problem(module, size + change * m.multiplicity)
+        if problem:
+            raise InvalidMutationError(f"{m.module}: {problem}")
 
 
 def eval_output(model: nn.Module) -> Any:
     """The model's output on its remembered example inputs, in eval mode, with no side effects."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(remember_example_inputs(model, None))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_restored(model, training=False), torch.no_grad():
+        return model(remember_example_inputs(model, None))
 
 
 def check_forward(model: nn.Module, action: str) -> Any:

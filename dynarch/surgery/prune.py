@@ -12,13 +12,13 @@ from torch import nn
 
 from dynarch.errors import DynarchError, InvalidMutationError, close_matches
 from dynarch.graph import ChannelGroup
+from dynarch.layer_kinds import channel_tensors
 from dynarch.models import count_params
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, removal_map
-from dynarch.surgery.layers import channel_tensors
 from dynarch.surgery.plan import (
     check_forward,
-    check_group_norms,
     check_k,
+    check_widths,
     optimizer_swaps_after_replacement,
     resolve,
 )
@@ -32,6 +32,16 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "lamp": lambda: tp.importance.LAMPImportance(p=2),
     "random": lambda: tp.importance.RandomImportance(),
 }
+
+
+def check_importance(importance: str) -> str:
+    """``importance`` if it names a Torch-Pruning importance, else one line with the names."""
+    if importance not in IMPORTANCES:
+        raise DynarchError(
+            f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}"
+            + close_matches(importance, IMPORTANCES)
+        )
+    return importance
 
 
 def prune(
@@ -54,11 +64,7 @@ def prune(
     start = time.perf_counter()
     if (k is None) == (idxs is None):
         raise InvalidMutationError("give exactly one of k (how many) or idxs (which channels)")
-    if importance not in IMPORTANCES:
-        raise DynarchError(
-            f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}"
-            + close_matches(importance, IMPORTANCES)
-        )
+    check_importance(importance)
     group, dg, modules = resolve(model, target, example_inputs, data)
     if idxs is not None:
         chosen = _check_idxs(idxs, group)
@@ -70,7 +76,7 @@ def prune(
         raise InvalidMutationError(
             f"pruning {n_remove} of {group.width} channels would leave group {group.name!r} empty"
         )
-    check_group_norms(group, modules, lambda width: width - n_remove)
+    check_widths(group, modules, -n_remove)
     if chosen is None:
         chosen = _least_important(model, dg, target, k, importance, data, loss_fn)
     params_before = count_params(model)
