@@ -52,6 +52,7 @@ class GradMaxOptions(EpsilonOptions):
 
 @dataclass(frozen=True)
 class GradMaxOptOptions(GradMaxOptions):
+    seed: int | None = None  # None draws from the global RNG (torch.manual_seed)
     steps: int = 100
     lr: float | None = None  # default 0.3 / sqrt(rows of M)
     orthogonal: bool = False
@@ -148,10 +149,25 @@ def gradient_matrix(
     finally:
         for h in hooks:
             h.remove()
+    return _stacked(ctx, blocks, moments, samples)
+
+
+def _stacked(
+    ctx: GrowthContext,
+    blocks: dict[str, torch.Tensor],
+    moments: _PatchMoments | None,
+    samples: int,
+) -> GradientStats:
+    """Per-consumer sums -> M (the mean over samples, consumers stacked in group order),
+    summed over processes first; a consumer that got no gradient has zero rows."""
+    producer = ctx.modules[ctx.group.producers[0]]
+    device = producer.weight.device
+    multiplicity = {m.module: m.multiplicity for m in ctx.group.members if m.role == CONSUMER}
+    consumers = list(dict.fromkeys(ctx.group.consumers))
     for name in consumers:
         if name not in blocks:
             blocks[name] = torch.zeros(
-                _fan_out_size(consumers[name], multiplicity[name]),
+                _fan_out_size(ctx.modules[name], multiplicity[name]),
                 _fan_in_size(producer),
                 device=device,
             )

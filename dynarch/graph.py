@@ -319,6 +319,8 @@ def _channel_group(
             ops.append(ids[node])
             if node.type == tp.ops.OPTYPE.OUTPUT:
                 at_output = True
+            elif node.type == tp.ops.OPTYPE.PARAMETER:
+                unsupported = unsupported or _unknown_layer(dg, target)
             elif node.type in _OP_TYPES_UNSUPPORTED:
                 unsupported = unsupported or f"op {ids[node]} ({_OP_TYPES_UNSUPPORTED[node.type]})"
             elif any(
@@ -353,6 +355,20 @@ def _channel_group(
         ops=tuple(sorted(set(ops))),
         at_output=at_output,
         unsupported=unsupported,
+    )
+
+
+def _unknown_layer(dg: tp.DependencyGraph, parameter: nn.Parameter) -> str:
+    """A parameter Torch-Pruning found outside any layer it knows: name its module's type."""
+    name = dg._param_to_name.get(parameter, "a parameter")
+    owner = name.rpartition(".")[0]
+    try:
+        kind = type(dg.model.get_submodule(owner)).__name__ if owner else "the model"
+    except AttributeError:
+        kind = "an unknown module"
+    return (
+        f"{owner or name}: {kind} is a layer type dynarch does not know (its parameter {name} "
+        "is per channel); register a LayerKind for it (docs/architecture.md)"
     )
 
 

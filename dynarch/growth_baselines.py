@@ -36,11 +36,13 @@ from dynarch.probes import mean_weight_grads, seeded_generator
 class Net2NetOptions(GrowthOptions):
     pick: str = "random"  # or "largest" fan-in norm
     noise: float = 0.0
+    seed: int | None = None  # None draws from the global RNG (torch.manual_seed)
 
 
 @dataclass(frozen=True)
 class FireflyOptions(GradMaxOptions):
     candidates: int | None = None  # default 4k
+    seed: int | None = None
     steps: int = 10
     lr: float = 1.0
 

@@ -30,7 +30,6 @@ class GrowthOptions:
     it as the initializer's ``options_type`` (``register_initializer(name, options=...)``)."""
 
     max_samples: int = 512  # samples of the growth data that statistics read
-    seed: int | None = None  # random choices; None draws from the global RNG (torch.manual_seed)
 
 
 @dataclass(frozen=True)
