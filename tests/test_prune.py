@@ -11,7 +11,7 @@ from archs import build
 import dynarch
 
 
-def _zero_inputs(model, consumers: list[str], channels: list[int], block: int = 1) -> None:
+def zero_inputs(model, consumers: list[str], channels: list[int], block: int = 1) -> None:
     """Reference: the same model where the given consumers no longer read those channels."""
     with torch.no_grad():
         for name in consumers:
@@ -31,7 +31,7 @@ def _zero_inputs(model, consumers: list[str], channels: list[int], block: int = 
 def test_prune_vgg_equals_zeroed_contributions(target, idxs, consumers, block) -> None:
     model, x = build("vgg_small")
     reference = copy.deepcopy(model)
-    _zero_inputs(reference, consumers, idxs, block)
+    zero_inputs(reference, consumers, idxs, block)
     record = dynarch.prune(model, target, idxs=idxs, example_inputs=x)
     assert record.indices == sorted(idxs)
     assert record.width_after == record.width_before - len(idxs)
@@ -62,7 +62,7 @@ def test_prune_vgg_equals_zeroed_contributions(target, idxs, consumers, block) -
 def test_prune_resnet_equals_zeroed_contributions(arch, target, idxs, consumers) -> None:
     model, x = build(arch)
     reference = copy.deepcopy(model)
-    _zero_inputs(reference, consumers, idxs)
+    zero_inputs(reference, consumers, idxs)
     dynarch.prune(model, target, idxs=idxs, example_inputs=x)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
@@ -171,11 +171,23 @@ def test_importances_remove_the_channel_their_own_score_ranks_last(importance, c
     assert record.indices == [channel] and record.method == importance
 
 
-def test_prune_then_grow_back_keeps_shapes_consistent() -> None:
+def test_prune_then_grow_back_keeps_shapes_and_outputs() -> None:
+    """Pruned: the outputs of the model whose consumer no longer reads the pruned channels.
+    Grown back with zero fan-out: the pruned model's outputs, and it still trains."""
     model, x = build("mobilenet_v2")
-    dynarch.prune(model, "features.2.conv.0.0", k=16, example_inputs=x)
+    reference = copy.deepcopy(model)
+    record = dynarch.prune(model, "features.2.conv.0.0", k=16, example_inputs=x)
     dw = model.features[2].conv[1][0]
     assert dw.in_channels == dw.out_channels == dw.groups == 80
-    dynarch.grow(model, "features.2.conv.0.0", 16)
+    # expand 1x1 -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> project 1x1: only the project
+    # conv reads the expanded channels across them
+    zero_inputs(reference, ["features.2.conv.2"], record.indices)
+    with torch.no_grad():
+        pruned = model(x)
+        torch.testing.assert_close(pruned, reference(x), atol=1e-5, rtol=0)
+    dynarch.grow(model, "features.2.conv.0.0", 16, init="zeros")
     assert dw.in_channels == dw.out_channels == dw.groups == 96
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pruned, atol=1e-5, rtol=0)
     model(x).sum().backward()
+    assert model.features[2].conv[2].weight.grad[:, 80:].abs().sum() > 0  # new fan-out trains
