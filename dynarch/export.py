@@ -1,10 +1,9 @@
 """Architecture graphs in formats other tools read: GraphML, node-link JSON, Graphviz dot.
 
-GraphML (Gephi, yEd) only stores scalars. Every list or dict attribute (the channel groups in
-``graph["groups"]``) is written as JSON text under the same name, and the names so encoded are
-listed in the graph attribute ``dynarch_json`` (JSON of ``{"graph": [...], "node": [...],
-"edge": [...]}``); :func:`read_graphml` decodes them back. Attributes whose value is ``None`` are
-left out. Dot is written as plain text (no pydot/pygraphviz needed).
+Every attribute of an architecture graph is a scalar (the channel groups are JSON text in the
+graph attribute ``groups``), so GraphML and node-link JSON are networkx's own writers on the graph
+as it is, and any other networkx writer works too. Dot is written as plain text (no
+pydot/pygraphviz needed).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 import networkx as nx
 
 FORMATS = ("graphml", "json", "dot")
-JSON_KEYS_ATTR = "dynarch_json"
+_LEGACY_JSON_KEYS_ATTR = "dynarch_json"
 
 # fill colours of dot nodes by how they changed (dynarch.query.node_changes)
 CHANGE_COLOURS = {
@@ -30,53 +29,25 @@ CHANGE_COLOURS = {
 }
 
 
-def _scalar_attrs(attrs: Mapping[str, Any], encoded: set[str]) -> dict[str, Any]:
-    out = {}
-    for key, value in attrs.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple, dict)):
-            out[key] = json.dumps(value, sort_keys=True)
-            encoded.add(key)
-        else:
-            out[key] = value
-    return out
-
-
-def graphml_safe(graph: nx.DiGraph) -> nx.DiGraph:
-    """A copy whose attributes GraphML can store (see the module docstring)."""
-    keys: dict[str, set[str]] = {"graph": set(), "node": set(), "edge": set()}
-    safe = nx.DiGraph()
-    safe.graph.update(_scalar_attrs(graph.graph, keys["graph"]))
-    for n, d in graph.nodes(data=True):
-        safe.add_node(n, **_scalar_attrs(d, keys["node"]))
-    for u, v, d in graph.edges(data=True):
-        safe.add_edge(u, v, **_scalar_attrs(d, keys["edge"]))
-    safe.graph[JSON_KEYS_ATTR] = json.dumps({k: sorted(v) for k, v in keys.items()})
-    return safe
-
-
 def to_graphml(graph: nx.DiGraph) -> str:
     buf = io.BytesIO()
-    nx.write_graphml(graphml_safe(graph), buf)
+    nx.write_graphml(graph, buf)
     return buf.getvalue().decode()
 
 
 def read_graphml(path: str | Path) -> nx.DiGraph:
-    """Read a GraphML file written by :func:`to_graphml`, decoding the JSON-encoded attributes."""
+    """``nx.read_graphml`` without networkx's empty ``node_default``/``edge_default`` graph
+    attributes: a graph written by :func:`to_graphml` reads back equal.
+
+    Files written by dynarch before groups became JSON text in the graph itself list the
+    attributes they encoded as JSON in a graph attribute ``dynarch_json``: only ``groups``,
+    already JSON text as it is today, so that marker is dropped and nothing is decoded.
+    """
     graph = nx.read_graphml(path)
     for key in ("node_default", "edge_default"):  # networkx's own GraphML bookkeeping
         if graph.graph.get(key) == {}:
             del graph.graph[key]
-    keys = json.loads(graph.graph.pop(JSON_KEYS_ATTR, "{}"))
-    for key in keys.get("graph", []):
-        if key in graph.graph:
-            graph.graph[key] = json.loads(graph.graph[key])
-    for kind, items in (("node", graph.nodes.values()), ("edge", graph.edges.values())):
-        for key in keys.get(kind, []):
-            for d in items:
-                if key in d:
-                    d[key] = json.loads(d[key])
+    graph.graph.pop(_LEGACY_JSON_KEYS_ATTR, None)
     return graph
 
 

@@ -112,7 +112,13 @@ class ChannelGroup:
 
 @dataclass
 class ArchGraph:
-    """Architecture of a model at one moment: graph of layers/ops and its channel groups."""
+    """Architecture of a model at one moment: graph of layers/ops and its channel groups.
+
+    Every node, edge and graph attribute of ``nx`` is a scalar (str, int), so any networkx
+    writer (GraphML, GEXF, node-link JSON, ...) takes the graph as it is. The channel groups
+    are therefore in ``nx.graph["groups"]`` as JSON text (a list of
+    :meth:`ChannelGroup.to_dict`); ``groups`` holds them as objects.
+    """
 
     nx: nx.DiGraph
     groups: list[ChannelGroup]
@@ -149,15 +155,20 @@ class ArchGraph:
 
     # -- export --------------------------------------------------------------------------------
     def to_node_link(self) -> dict[str, Any]:
-        data = nx.node_link_data(self.nx, edges="edges")
-        data["graph"]["groups"] = [g.to_dict() for g in self.groups]
-        return data
+        """networkx node-link data of ``nx`` (the channel groups as JSON text in
+        ``data["graph"]["groups"]``), what the history stores and ``architecture.json`` holds."""
+        return nx.node_link_data(self.nx, edges="edges")
 
     def to_json(self) -> str:
         return json.dumps(self.to_node_link(), sort_keys=True)
 
     def write_graphml(self, path: str) -> None:
         nx.write_graphml(self.nx, path)
+
+
+def groups_json(groups: Sequence[ChannelGroup]) -> str:
+    """The graph attribute ``groups``: JSON text of the groups' :meth:`ChannelGroup.to_dict`."""
+    return json.dumps([g.to_dict() for g in groups], sort_keys=True, separators=(",", ":"))
 
 
 def remember_example_inputs(model: nn.Module, example_inputs: Any) -> Any:
@@ -286,6 +297,7 @@ def _build(model: nn.Module, dg: tp.DependencyGraph) -> ArchGraph:
                     group_of.setdefault(member.module, group)
                     g.nodes[member.module]["group"] = group.name
     by_module = {n: group_of[n] for n in module_names.values() if n in group_of}  # module order
+    g.graph["groups"] = groups_json(groups)
     return ArchGraph(nx=g, groups=groups, group_by_module=by_module)
 
 

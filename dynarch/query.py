@@ -264,15 +264,28 @@ class History:
         return self.reader.run()
 
     def graph_at(self, step: int) -> nx.DiGraph:
-        """The architecture in force at ``step`` as a networkx DiGraph.
+        """The architecture in force at ``step`` as a networkx DiGraph, ``ArchGraph.nx`` as it was.
 
         Node attributes are ArchGraph's (kind, op, module, params, in/out_channels, group, ...);
-        ``graph.graph["groups"]`` holds the channel groups as dicts (name, width, members, ...).
+        every attribute is a scalar, so any networkx writer takes the graph. The channel groups
+        are JSON text in ``graph.graph["groups"]``; :meth:`groups_at` (or :func:`groups_of`)
+        gives them as dicts (name, width, members, ...).
         """
         return self.graph_of_version(self.version_at(step))
 
     def graph_of_version(self, version: int) -> nx.DiGraph:
-        return nx.node_link_graph(self._data(version), edges="edges")
+        graph = nx.node_link_graph(self._data(version), edges="edges")
+        graph.graph = dict(graph.graph)  # networkx shares the dict: keep the cached version intact
+        if "groups" in graph.graph and not isinstance(graph.graph["groups"], str):
+            # histories written before groups became JSON text store the list itself
+            text = json.dumps(graph.graph["groups"], sort_keys=True, separators=(",", ":"))
+            graph.graph["groups"] = text
+        return graph
+
+    def groups_at(self, step: int) -> list[dict[str, Any]]:
+        """The channel groups in force at ``step``, as dicts (name, width, at_output,
+        unsupported, ops, members): the parsed ``graph_at(step).graph["groups"]``."""
+        return groups_of(self._data(self.version_at(step)))
 
     def versions(self) -> list[int]:
         """Steps at which the architecture changed, with 0 (the initial architecture) first."""
@@ -336,7 +349,7 @@ class History:
         names: dict[str, None] = {}
         per_version = []
         for version, step, _ in self._version_rows():
-            w = group_widths(self._data(version)["graph"].get("groups", []))
+            w = group_widths(groups_of(self._data(version)))
             names.update(dict.fromkeys(w))
             per_version.append((version, step, w))
         for version, step, w in per_version:
@@ -384,8 +397,8 @@ class History:
         for e in between:
             into = grown if (e["kind"] == "grow") == forward else pruned
             into[e["grp"]] = into.get(e["grp"], 0) + e["k"]
-        wa = group_widths(ga.graph.get("groups", []))
-        wb = group_widths(gb.graph.get("groups", []))
+        wa = group_widths(groups_of(ga))
+        wb = group_widths(groups_of(gb))
         group_rows = [
             (n, wa.get(n), wb.get(n), grown.get(n, 0), pruned.get(n, 0))
             for n in dict.fromkeys([*wa, *wb])
@@ -445,13 +458,25 @@ class History:
             "macs_final": stats[last_v][1],
             "accuracy_final": accs[-1] if accs else None,
             "accuracy_best": max(accs) if accs else None,
-            "widths_initial": group_widths(self._data(first_v)["graph"].get("groups", [])),
-            "widths_final": group_widths(self._data(last_v)["graph"].get("groups", [])),
+            "widths_initial": group_widths(groups_of(self._data(first_v))),
+            "widths_final": group_widths(groups_of(self._data(last_v))),
         }
 
 
 def _event_row(e: dict[str, Any]) -> list[Any]:
     return [e["grp"] if c == "group" else e[c] for c in EVENT_COLUMNS]
+
+
+def groups_of(graph: nx.DiGraph | dict[str, Any]) -> list[dict[str, Any]]:
+    """The channel groups of an architecture graph as dicts (``ChannelGroup.to_dict``).
+
+    ``graph`` is a networkx graph (``graph_at``, ``ArchGraph.nx``, one read back from GraphML or
+    node-link JSON) or node-link data; its graph attribute ``groups`` is JSON text (a list, in
+    histories written before that). No ``groups`` attribute: no groups.
+    """
+    attrs = graph.graph if isinstance(graph, nx.Graph) else graph.get("graph", {})
+    groups = attrs.get("groups", "[]")
+    return json.loads(groups) if isinstance(groups, str) else list(groups)
 
 
 def group_widths(groups: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 import networkx as nx
+import pytest
 import torch
 from archs import ShuffleNetLike, build
+from graph_formats import assert_networkx_round_trips, non_scalar_attributes
 
 import dynarch
+from dynarch.models import wrn
+from dynarch.query import groups_of
+
+
+@functools.cache
+def traced(name: str) -> dynarch.ArchGraph:
+    """ArchGraph of a test architecture (read-only: shared by the tests of this file)."""
+    if name == "wrn":
+        torch.manual_seed(0)
+        return dynarch.ArchGraph.from_module(wrn(width=4, depth=10), torch.randn(1, 3, 16, 16))
+    return dynarch.ArchGraph.from_module(*build(name))
 
 
 def _members(group, role=None):
@@ -44,8 +60,7 @@ def test_vgg_nodes_edges_and_targets() -> None:
 
 
 def test_resnet18_residual_group() -> None:
-    model, x = build("resnet18")
-    graph = dynarch.ArchGraph.from_module(model, x)
+    graph = traced("resnet18")
     group = graph.group_of("layer1.0.conv2")
     assert group.name == "conv1" and group.width == 64
     assert set(group.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
@@ -61,8 +76,7 @@ def test_resnet18_residual_group() -> None:
 
 
 def test_densenet_concat_offsets() -> None:
-    model, x = build("densenet121")
-    graph = dynarch.ArchGraph.from_module(model, x)
+    graph = traced("densenet121")
     layer1 = graph.group_of("features.denseblock1.denselayer1.conv2")
     assert layer1.width == 32
     # denselayer1's 32 channels follow the 64 stem channels in every later concatenation
@@ -75,8 +89,7 @@ def test_densenet_concat_offsets() -> None:
 
 
 def test_mobilenet_depthwise_is_channelwise_member() -> None:
-    model, x = build("mobilenet_v2")
-    graph = dynarch.ArchGraph.from_module(model, x)
+    graph = traced("mobilenet_v2")
     group = graph.group_of("features.2.conv.0.0")
     roles = {m.module: m.role for m in group.members}
     assert roles["features.2.conv.1.0"] == "channelwise"  # depthwise 3x3
@@ -98,15 +111,37 @@ def _same_graph(a: nx.DiGraph, b: nx.DiGraph) -> None:
 
 
 def test_exports_read_back_equal(tmp_path) -> None:
-    model, x = build("resnet_small")
-    graph = dynarch.ArchGraph.from_module(model, x)
+    graph = traced("resnet_small")
     graph.write_graphml(str(tmp_path / "g.graphml"))
     _same_graph(graph.nx, nx.read_graphml(tmp_path / "g.graphml"))
-    import json
-
     data = json.loads(graph.to_json())
+    assert data == nx.node_link_data(graph.nx, edges="edges")
     _same_graph(graph.nx, nx.node_link_graph(data, edges="edges"))
-    assert {g["name"] for g in data["graph"]["groups"]} == {g.name for g in graph.groups}
+    assert {g["name"] for g in groups_of(data)} == {g.name for g in graph.groups}
+
+
+@pytest.mark.parametrize(
+    "name", ["vgg_small", "resnet_small", "wrn", "resnet18", "mobilenet_v2", "densenet121"]
+)
+def test_every_attribute_is_a_scalar_and_groups_are_json_text(name: str) -> None:
+    graph = traced(name)
+    assert non_scalar_attributes(graph.nx) == []
+    assert set(graph.nx.graph) == {"groups"}
+    assert json.loads(graph.nx.graph["groups"]) == [g.to_dict() for g in graph.groups]
+    assert groups_of(graph.nx) == [g.to_dict() for g in graph.groups]
+    assert {d["group"] for _, d in graph.nx.nodes(data=True) if "group" in d} <= set(graph.widths())
+
+
+def test_networkx_writers_round_trip_a_grown_and_pruned_live_graph(tmp_path) -> None:
+    model, x = build("resnet_small")
+    dynarch.grow(model, "layer2.0.conv1", 3, example_inputs=x)
+    dynarch.prune(model, "layer3.0.conv2", k=2)
+    graph = dynarch.ArchGraph.from_module(model)
+    assert graph.nx.nodes["layer2.0.conv1"]["out_channels"] == 19
+    assert_networkx_round_trips(graph.nx, tmp_path)
+    # ArchGraph's own GraphML export: the groups come back as the same text, parsed by groups_of
+    graph.write_graphml(str(tmp_path / "a.graphml"))
+    assert groups_of(nx.read_graphml(tmp_path / "a.graphml")) == [g.to_dict() for g in graph.groups]
 
 
 def test_graph_follows_mutations() -> None:

@@ -7,6 +7,7 @@ import copy
 import hydra.utils
 import pytest
 import torch
+from test_prune import zero_inputs
 
 import dynarch
 from dynarch.controller import apply_mutation
@@ -28,8 +29,12 @@ from dynarch.policies import (
 )
 
 
-def drive(policy, steps: int, width: int = 4):
-    """Run ``policy`` for ``steps`` steps on vgg_small; returns (step, op, target, k) applied."""
+def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):
+    """Run ``policy`` for ``steps`` steps on vgg_small; returns (step, op, target, k) applied.
+
+    ``snapshots`` (a list) receives, for every mutation, its record, a copy of the model before
+    it, the batch, and the eval-mode outputs on it before and after the mutation.
+    """
     torch.manual_seed(0)
     model = vgg_small(width=width)
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
@@ -55,13 +60,26 @@ def drive(policy, steps: int, width: int = 4):
         if step == 0 and hasattr(policy, "check"):
             policy.check(state)
         for m in policy.decide(state):
-            apply_mutation(m, model, opt, (x, y), loss_fn)
+            if snapshots is not None:
+                before, out_before = copy.deepcopy(model), _eval_outputs(model, x)
+            record = apply_mutation(m, model, opt, (x, y), loss_fn)
+            if snapshots is not None:
+                snapshots.append((record, before, x, out_before, _eval_outputs(model, x)))
             applied.append((step, m.op, m.target, m.k))
         params.append(sum(p.numel() for p in model.parameters()))
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
     return applied, model, params
+
+
+def _eval_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(training)
+    return out
 
 
 def test_every_n_steps_round_robin_fraction_of_initial() -> None:
@@ -319,8 +337,28 @@ def test_cycle_grows_to_a_budget_prunes_back_and_regrows() -> None:
         ],
         repeat=False,
     )
-    applied, _, params = drive(policy, 12)
+    snapshots: list = []
+    applied, _, params = drive(policy, 12, snapshots=snapshots)
     assert max(params[:6]) <= 2 * start and params[5] > 1.5 * start  # grew to near the budget
     assert params[6] <= start  # pruned back to the start size in one step
     assert params[-1] > params[6]  # and grew again with GradMax
     assert [(s, op) for s, op, *_ in applied if s >= 7] == [(8, "grow"), (10, "grow")]
+    # GradMax growth (epsilon fan-in) keeps the outputs; each prune equals the model before it
+    # with the pruned channels no longer read by their consumers (vgg_small(width=4) on 8x8:
+    # conv4's channels are 2x2 blocks of fc1's inputs)
+    consumers = {
+        "features.conv1": ("features.conv2", 1),
+        "features.conv2": ("features.conv3", 1),
+        "features.conv3": ("features.conv4", 1),
+        "features.conv4": ("classifier.fc1", 4),
+        "classifier.fc1": ("classifier.fc2", 1),
+    }
+    assert [r.kind for r, *_ in snapshots] == [op for _, op, *_ in applied]
+    assert {r.kind for r, *_ in snapshots} == {"grow", "prune"}
+    for record, before, x, out_before, out_after in snapshots:
+        if record.kind == "grow":
+            torch.testing.assert_close(out_after, out_before, atol=1e-5, rtol=0)
+            continue
+        consumer, block = consumers[record.group]
+        zero_inputs(before, [consumer], record.indices, block)
+        torch.testing.assert_close(out_after, _eval_outputs(before, x), atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+from graph_formats import assert_networkx_round_trips, non_scalar_attributes
 
 import dynarch
 import dynarch.history
@@ -26,7 +27,7 @@ from dynarch.export import read_graphml, to_dot, to_graphml, to_node_link_json
 from dynarch.history import HistoryError, HistoryWriter
 from dynarch.models import count_params, vgg_small
 from dynarch.policies.base import count_macs
-from dynarch.query import Table, group_widths
+from dynarch.query import Table, group_widths, groups_of
 
 # (step, op, target, k): two mutations share step 3 and step 10
 SCHEDULE = [
@@ -109,12 +110,6 @@ def assert_same_graph(got: nx.DiGraph, expected: nx.DiGraph) -> None:
     assert got.graph == expected.graph
 
 
-def expected_graph(arch: dynarch.ArchGraph) -> nx.DiGraph:
-    g = arch.nx.copy()
-    g.graph["groups"] = [grp.to_dict() for grp in arch.groups]
-    return g
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> LiveRun:
     return LiveRun(tmp_path_factory.mktemp("query") / "run_a")
@@ -123,10 +118,62 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> LiveRun:
 def test_graph_at_every_step_is_the_live_models_architecture(live: LiveRun) -> None:
     h = dynarch.history.open(live.run_dir)
     for step in range(LAST_STEP + 1):
-        assert_same_graph(h.graph_at(step), expected_graph(live.at_step[step]))
+        assert_same_graph(h.graph_at(step), live.at_step[step].nx)
     # the path of the database itself works too
     h2 = dynarch.history.open(live.run_dir / "history.db")
-    assert_same_graph(h2.graph_at(3), expected_graph(live.at_step[3]))
+    assert_same_graph(h2.graph_at(3), live.at_step[3].nx)
+
+
+def test_groups_at_every_step_are_the_live_models_groups(live: LiveRun) -> None:
+    h = dynarch.history.open(live.run_dir)
+    for step in range(LAST_STEP + 1):
+        expected = [g.to_dict() for g in live.at_step[step].groups]
+        assert h.groups_at(step) == groups_of(h.graph_at(step)) == expected
+    assert h.groups_at(7)[0]["name"] == "features.conv1" and h.groups_at(7)[0]["width"] == 7
+
+
+@pytest.mark.parametrize("step", [0, 3, LAST_STEP])
+def test_graph_at_goes_through_every_networkx_writer(
+    live: LiveRun, tmp_path: Path, step: int
+) -> None:
+    g = dynarch.history.open(live.run_dir).graph_at(step)
+    assert non_scalar_attributes(g) == []
+    assert_networkx_round_trips(g, tmp_path)
+
+
+def test_graph_at_returns_a_fresh_graph_each_time(live: LiveRun) -> None:
+    h = dynarch.history.open(live.run_dir)
+    g = h.graph_at(3)
+    g.graph["note"] = "mine"
+    g.graph["groups"] = "[]"
+    g.nodes["features.conv1"]["out_channels"] = 99
+    assert_same_graph(h.graph_at(3), live.at_step[3].nx)
+    assert len(h.widths().columns) == 7
+
+
+def test_histories_that_stored_the_groups_as_a_list_read_the_same(
+    live: LiveRun, tmp_path: Path
+) -> None:
+    """Blobs written before the groups became JSON text hold the list; every query reads them."""
+    old = tmp_path / "old"
+    old.mkdir()
+    with HistoryWriter(old / "history.db") as w, dynarch.history.open(live.run_dir) as src:
+        w.write_run({}, command="test")
+        for version, step, _ in src.reader.versions():
+            data = src.reader.architecture(version)
+            data["graph"]["groups"] = json.loads(data["graph"]["groups"])
+            w.log_architecture(step, data)
+        w.log_metrics(LAST_STEP, 3.0, "train", {"loss": 1.0})
+    h, new = dynarch.history.open(old), dynarch.history.open(live.run_dir)
+    assert isinstance(h.reader.architecture(1)["graph"]["groups"], list)
+    for step in (0, 3, 7, LAST_STEP):
+        assert_same_graph(h.graph_at(step), new.graph_at(step))
+        assert h.groups_at(step) == new.groups_at(step)
+    assert h.widths() == new.widths()
+    # (no events copied: compare the widths, not the channels the events added or removed)
+    widths = [r[:3] for r in h.diff(0, LAST_STEP).groups.rows]
+    assert widths == [r[:3] for r in new.diff(0, LAST_STEP).groups.rows] and len(widths) == 4
+    assert h.summary()["widths_final"] == new.summary()["widths_final"]
 
 
 def test_versions_and_widths_match_the_live_model(live: LiveRun) -> None:
@@ -223,7 +270,8 @@ def test_exports_read_back_into_an_equal_graph(live: LiveRun, tmp_path: Path, st
     assert_same_graph(read_graphml(tmp_path / "a.graphml"), g)
     plain = nx.read_graphml(tmp_path / "a.graphml")  # what Gephi/yEd users get: same nodes
     assert dict(plain.nodes(data=True)) == dict(g.nodes(data=True))
-    assert json.loads(plain.graph["groups"]) == g.graph["groups"]
+    assert plain.graph["groups"] == g.graph["groups"]
+    assert groups_of(plain) == dynarch.history.open(live.run_dir).groups_at(step)
     back = nx.node_link_graph(json.loads(to_node_link_json(g)), edges="edges")
     assert_same_graph(back, g)
     nodes, edges = read_dot(to_dot(g))
@@ -331,7 +379,7 @@ def test_compare_and_interrupted_runs(live: LiveRun, tmp_path: Path, capsys) -> 
                 w.finish("failed", "boom")
     h = dynarch.history.open(failed)
     assert h.summary()["status"] == "failed" and h.summary()["message"] == "boom"
-    assert_same_graph(h.graph_at(8), expected_graph(live.at_step[8]))
+    assert_same_graph(h.graph_at(8), live.at_step[8].nx)
     assert dynarch.history.open(running).summary()["status"] == "running"
     with pytest.raises(HistoryError, match="status running"):
         dynarch.history.open(running).graph_at(6)
