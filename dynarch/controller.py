@@ -1,9 +1,12 @@
 """The controller: a plain PyTorch training loop in which a policy changes the architecture.
 
-Every step: build the :class:`TrainState` (cheap; heavy parts are lazy), ask the policy, apply
-its mutations through :func:`dynarch.grow` / :func:`dynarch.prune` with the *same* optimizer
-(state carried) and record each in the run history, then take the optimizer step. The LR
-schedule is a multiplier on ``param_groups``' lr, so it continues across mutations.
+:func:`run` sets up what stays fixed (:class:`RunSetup`: data, lengths, processes), starts a
+:class:`~dynarch.run_state.RunState` (new, or from the checkpoint) and repeats one step:
+mutate (build the :class:`TrainState`, cheap with its heavy parts lazy, ask the policy, apply
+its mutations through :func:`dynarch.grow` / :func:`dynarch.prune` with the *same* optimizer,
+state carried, and record each in the run history), update (forward, backward, optimizer and
+LR steps), then evaluate and checkpoint when due. The LR schedule is a multiplier on
+``param_groups``' lr, so it continues across mutations.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def run(
         torch.set_num_threads(int(trainer["threads"]))
     torch.manual_seed(trainer["seed"])
     setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
-    state = _start(setup, policy, model, graph, resume)
+    state = _starting_state(setup, policy, model, graph, resume)
     progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
     _train_to_the_end(setup, state, progress)
     if procs.is_main:
@@ -274,7 +277,9 @@ def _set_up(
     return setup, model, graph
 
 
-def _loaders(splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes) -> tuple:
+def _loaders(
+    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes
+) -> tuple[Any, Any]:
     """This process's training loader (its share of every global batch) and the test loader."""
     batch_size = trainer["batch_size"]
     if batch_size < 1:
@@ -290,6 +295,7 @@ def _loaders(splits: DataSplits, trainer: dict[str, Any], procs: distributed.Pro
 
 
 def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.device) -> nn.Module:
+    """The configured model for the data's classes, channels and image size, on ``device``."""
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("width") is not None:
         kwargs["width"] = model_cfg["width"]
@@ -301,7 +307,7 @@ def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.de
         raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
 
 
-def _start(
+def _starting_state(
     setup: RunSetup, policy: Policy, model: nn.Module, graph: ArchGraph, resume: bool
 ) -> RunState:
     """The state the loop starts from: step 0, checked by the policy and checkpointed, or a
@@ -346,22 +352,7 @@ def _check_policy(setup: RunSetup, state: RunState) -> None:
     train = setup.splits.train
     n = min(len(train), setup.trainer["batch_size"])
     x0, y0 = default_collate([train[i] for i in range(n)])
-    batch = (x0.to(setup.device), y0.to(setup.device))
-    check(
-        _state(
-            0,
-            setup.steps_per_epoch,
-            setup.total_steps,
-            state.model,
-            batch,
-            setup.loss_fn,
-            [],
-            [],
-            setup.initial_widths,
-            setup.params_before,
-            state.graph,
-        )
-    )
+    check(_policy_view(setup, state, (x0.to(setup.device), y0.to(setup.device))))
 
 
 def _open_history(setup: RunSetup, state: RunState, saved: dict[str, Any] | None) -> None:
@@ -442,19 +433,7 @@ def _mutate(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) 
     process; the training module is wrapped anew after a change (DDP holds the old
     parameters)."""
     procs = setup.procs
-    view = _state(
-        state.step,
-        setup.steps_per_epoch,
-        setup.total_steps,
-        state.model,
-        (x, y),
-        setup.loss_fn,
-        state.metrics,
-        state.train_losses,
-        setup.initial_widths,
-        state.params,
-        state.graph,
-    )
+    view = _policy_view(setup, state, (x, y))
     decided = procs.broadcast(state.policy.decide(view) if procs.is_main else None)
     if view._graph is not None:  # traced by the policy
         state.graph = view._graph
@@ -619,6 +598,25 @@ def _apply_everywhere(
     return apply_mutation(m, model, optimizer, batch, loss_fn, reduce_sum=procs.sum)
 
 
+def _policy_view(
+    setup: RunSetup, state: RunState, batch: tuple[torch.Tensor, torch.Tensor]
+) -> TrainState:
+    """The run as the policy sees it at the state's step, before that step's update."""
+    return _state(
+        state.step,
+        setup.steps_per_epoch,
+        setup.total_steps,
+        state.model,
+        batch,
+        setup.loss_fn,
+        state.metrics,
+        state.train_losses,
+        setup.initial_widths,
+        state.params,
+        state.graph,
+    )
+
+
 def _silent(_message: str) -> None:
     pass
 
@@ -636,6 +634,7 @@ def _state(
     params,
     graph,
 ) -> TrainState:
+    """A :class:`TrainState` from its parts (positional: ``benchmarks/perf.py`` times it)."""
     return TrainState(
         step=step,
         epoch=step / steps_per_epoch,
