@@ -5,13 +5,16 @@ exact module shapes back, by the same surgery that made them), the weights, the 
 schedule and policy states, the RNG states, the position in the data and the history marks
 (the last metrics row, event and architecture version it covers). It is written to a temporary
 file in the run directory, flushed to disk and renamed over the previous one, so a crash at
-any moment leaves either the old checkpoint or the new one, never a torn file.
+any moment leaves either the old checkpoint or the new one, never a torn file. The payload is
+:meth:`dynarch.run_state.RunState.state_dict`; this module writes, reads and checks it, and
+restores the parts that need care (the model's shapes, the optimizer state's fit, the RNGs).
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +28,6 @@ from dynarch.surgery.prune import prune
 
 FORMAT_VERSION = 1
 FILENAME = "checkpoint.pt"
-# What resuming reads; a payload without one of these is not a dynarch checkpoint.
-REQUIRED = (
-    "step",
-    "model",
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "policy",
-    "rng",
-    "mutations",
-    "metrics",
-    "train_losses",
-    "lr_scale",
-    "train_flops",
-    "history",
-)
 
 
 class CheckpointError(DynarchError):
@@ -57,8 +44,9 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; any problem is one line naming the file."""
+def load(path: Path, required: Sequence[str]) -> dict[str, Any]:
+    """Read a checkpoint on the CPU; any problem, such as a missing one of the ``required``
+    keys (:data:`dynarch.run_state.CHECKPOINT_KEYS`), is one line naming the file."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
     try:
@@ -72,7 +60,7 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has checkpoint format {found!r}; this dynarch reads {FORMAT_VERSION}"
         )
-    missing = [key for key in REQUIRED if key not in payload]
+    missing = [key for key in required if key not in payload]
     if missing:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {missing[0]!r})")
     return payload

@@ -1,9 +1,12 @@
 """The controller: a plain PyTorch training loop in which a policy changes the architecture.
 
-Every step: build the :class:`TrainState` (cheap; heavy parts are lazy), ask the policy, apply
-its mutations through :func:`dynarch.grow` / :func:`dynarch.prune` with the *same* optimizer
-(state carried) and record each in the run history, then take the optimizer step. The LR
-schedule is a multiplier on ``param_groups``' lr, so it continues across mutations.
+:func:`run` sets up what stays fixed (:class:`RunSetup`: data, lengths, processes), starts a
+:class:`~dynarch.run_state.RunState` (new, or from the checkpoint) and repeats one step:
+mutate (build the :class:`TrainState`, cheap with its heavy parts lazy, ask the policy, apply
+its mutations through :func:`dynarch.grow` / :func:`dynarch.prune` with the *same* optimizer,
+state carried, and record each in the run history), update (forward, backward, optimizer and
+LR steps), then evaluate and checkpoint when due. The LR schedule is a multiplier on
+``param_groups``' lr, so it continues across mutations.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +24,13 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
-from dynarch.data import load_data, make_loaders
+from dynarch.data import DataSplits, load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import build_model, count_params
-from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
+from dynarch.policies.base import Mutation, Policy, TrainState
+from dynarch.run_state import RunState, read_checkpoint
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
@@ -156,6 +160,37 @@ class NumericalError(DynarchError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What stays fixed while a run trains: its config, processes, data and lengths."""
+
+    cfg: dict[str, Any]  # the resolved config (plain)
+    run_dir: Path
+    procs: distributed.Processes
+    device: torch.device
+    log: Callable[[str], None]
+    splits: DataSplits
+    train_loader: Any
+    test_loader: Any
+    example: torch.Tensor  # one training sample to trace with
+    initial_widths: dict[str, int]  # target -> width of its group at the start
+    params_before: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int  # steps
+    checkpoint_every: int  # steps; 0: only after mutations and at the end
+    loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        return self.cfg["trainer"]
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision: on CUDA only."""
+        return bool(self.trainer["amp"]) and self.device.type == "cuda"
+
+
 def run(
     cfg: dict[str, Any],
     policy: Policy,
@@ -167,307 +202,377 @@ def run(
     ``run_dir``. With ``resume``, continue from ``run_dir``'s checkpoint: the history logged
     after it is dropped and logged again, so the run ends as if it had never stopped."""
     start = time.perf_counter()
-    tr, data_cfg, model_cfg = cfg["trainer"], cfg["data"], cfg["model"]
-    procs, device = distributed.start(resolve_device(str(tr["device"])))
+    trainer = cfg["trainer"]
+    procs, device = distributed.start(resolve_device(str(trainer["device"])))
     if not procs.is_main:  # one voice: rank 0 prints, logs and writes
         log = _silent
-    if tr["threads"] is not None:
-        torch.set_num_threads(int(tr["threads"]))
-    torch.manual_seed(tr["seed"])
+    if trainer["threads"] is not None:
+        torch.set_num_threads(int(trainer["threads"]))
+    torch.manual_seed(trainer["seed"])
+    setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
+    state = _starting_state(setup, policy, model, graph, resume)
+    progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
+    _train_to_the_end(setup, state, progress)
+    if procs.is_main:
+        (run_dir / "architecture.json").write_text(state.graph.to_json() + "\n", encoding="utf-8")
+    return RunSummary(
+        setup.params_before,
+        count_params(state.model),
+        state.test_loss,
+        state.test_accuracy,
+        len(state.mutations),
+        state.step,
+        time.perf_counter() - start,
+    )
+
+
+def _set_up(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    procs: distributed.Processes,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[RunSetup, nn.Module, ArchGraph]:
+    """Data, loaders, the model as built and its graph, the run's lengths; config errors
+    first, before anything is written."""
+    trainer, data_cfg = cfg["trainer"], cfg["data"]
     splits = load_data(
         data_cfg["name"],
         path=data_cfg["path"],
         root=data_cfg["root"],
         download=data_cfg["download"],
-        seed=tr["seed"],
+        seed=trainer["seed"],
         test_fraction=data_cfg["test_fraction"],
     )
-    if tr["batch_size"] < 1:
-        raise ConfigError(f"trainer.batch_size must be positive, got {tr['batch_size']}")
-    if tr["batch_size"] % procs.world:
+    train_loader, test_loader = _loaders(splits, trainer, procs)
+    model = _build_model(cfg["model"], splits, device)
+    # one training sample to trace with; not from the loader, whose order it would disturb
+    example = default_collate([splits.train[0]])[0].to(device)
+    graph = ArchGraph.from_module(model, example)
+    steps_per_epoch = len(train_loader)
+    total_steps = trainer["steps"] or trainer["epochs"] * steps_per_epoch
+    if total_steps < 1:
+        raise ConfigError(f"trainer.epochs/steps give {total_steps} steps; need at least 1")
+    if trainer["on_nonfinite"] not in ("stop", "skip"):
         raise ConfigError(
-            f"trainer.batch_size {tr['batch_size']} must be divisible by the {procs.world} "
+            f"trainer.on_nonfinite must be stop or skip, got {trainer['on_nonfinite']!r}"
+        )
+    setup = RunSetup(
+        cfg=cfg,
+        run_dir=run_dir,
+        procs=procs,
+        device=device,
+        log=log,
+        splits=splits,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        example=example,
+        initial_widths={t: graph.group_of(t).width for t in graph.targets()},
+        params_before=count_params(model),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
+        checkpoint_every=int(round(trainer["checkpoint_every_epochs"] * steps_per_epoch)),
+    )
+    return setup, model, graph
+
+
+def _loaders(
+    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes
+) -> tuple[Any, Any]:
+    """This process's training loader (its share of every global batch) and the test loader."""
+    batch_size = trainer["batch_size"]
+    if batch_size < 1:
+        raise ConfigError(f"trainer.batch_size must be positive, got {batch_size}")
+    if batch_size % procs.world:
+        raise ConfigError(
+            f"trainer.batch_size {batch_size} must be divisible by the {procs.world} "
             "processes (it is the global batch)"
         )
-    train_loader, test_loader = make_loaders(
-        splits, tr["batch_size"], seed=tr["seed"], rank=procs.rank, world=procs.world
+    return make_loaders(
+        splits, batch_size, seed=trainer["seed"], rank=procs.rank, world=procs.world
     )
+
+
+def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.device) -> nn.Module:
+    """The configured model for the data's classes, channels and image size, on ``device``."""
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("width") is not None:
         kwargs["width"] = model_cfg["width"]
     try:
-        model = build_model(
+        return build_model(
             model_cfg["name"], splits.num_classes, splits.in_channels, splits.image_size, **kwargs
         ).to(device)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
-    # one training sample to trace with; not from the loader, whose order it would disturb
-    example = default_collate([splits.train[0]])[0].to(device)
-    graph = ArchGraph.from_module(model, example)
-    initial_widths = {t: graph.group_of(t).width for t in graph.targets()}
-    params_before = count_params(model)
 
-    steps_per_epoch = len(train_loader)
-    total_steps = tr["steps"] or tr["epochs"] * steps_per_epoch
-    if total_steps < 1:
-        raise ConfigError(f"trainer.epochs/steps give {total_steps} steps; need at least 1")
-    if tr["on_nonfinite"] not in ("stop", "skip"):
-        raise ConfigError(f"trainer.on_nonfinite must be stop or skip, got {tr['on_nonfinite']!r}")
-    ckpt_path = run_dir / checkpoint.FILENAME
-    saved = checkpoint.load(ckpt_path) if resume else None
-    if saved is not None:
-        checkpoint.restore_model(ckpt_path, model, saved, example)
-        graph = ArchGraph.from_module(model, example)
-    optimizer = make_optimizer(model, cfg["optimizer"])
-    lr_scale = [1.0]  # lowered by trainer.on_nonfinite=skip
-    schedule = lr_multiplier(cfg["lr_schedule"], steps_per_epoch, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) * lr_scale[0])
-    loss_fn = nn.CrossEntropyLoss()
-    amp = bool(tr["amp"]) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    eval_every = max(1, int(round(tr["eval_every_epochs"] * steps_per_epoch)))
-    ckpt_every = int(round(tr["checkpoint_every_epochs"] * steps_per_epoch))
 
-    metrics: list[dict[str, Any]] = []
-    train_losses: list[float] = []
-    mutations: list[dict[str, Any]] = []  # what checkpoint.replay needs, in order
-    step, ckpt_step, train_flops = 0, None, 0
-    # parameters and MACs of the current architecture: counted once per version, not per step
-    size = {"params": count_params(model), "macs": count_macs(model)}
-    check = getattr(policy, "check", None)
-    if saved is None and check is not None:
-        # validate targets/budgets against the real model before anything is written
-        n = min(len(splits.train), tr["batch_size"])
-        x0, y0 = default_collate([splits.train[i] for i in range(n)])
-        check(
-            _state(
-                0,
-                steps_per_epoch,
-                total_steps,
-                model,
-                (x0.to(device), y0.to(device)),
-                loss_fn,
-                [],
-                [],
-                initial_widths,
-                params_before,
-                graph,
-            )
-        )
-    if saved is not None:  # before the history is opened: a misfit changes nothing
-        checkpoint.restore_training_state(ckpt_path, saved, optimizer, scheduler, scaler, policy)
-    history = HistoryWriter(run_dir / "history.db") if procs.is_main else _NoHistory()
+def _starting_state(
+    setup: RunSetup, policy: Policy, model: nn.Module, graph: ArchGraph, resume: bool
+) -> RunState:
+    """The state the loop starts from: step 0, checked by the policy and checkpointed, or a
+    resumed run's checkpoint. The history is opened only once that checkpoint has been found
+    to fit this run, so that one which does not changes nothing."""
+    path = setup.run_dir / checkpoint.FILENAME
+    saved = read_checkpoint(path) if resume else None
     if saved is not None:
-        history.rewind(saved["history"])
-        step = ckpt_step = saved["step"]
-        metrics, train_losses, mutations = (
-            saved["metrics"],
-            saved["train_losses"],
-            saved["mutations"],
-        )
-        lr_scale[0] = saved["lr_scale"]
-        train_flops = saved["train_flops"]
-        checkpoint.set_rng_states(saved["rng"])
-        log(f"resumed {run_dir} at step {step} ({len(mutations)} mutations so far)")
-    else:
-        history.write_run(cfg, command=" ".join(sys.argv))
-        history.log_architecture(0, graph.to_node_link())
-    log(
-        f"{model_cfg['name']} on {data_cfg['name']}: {params_before} params, {total_steps} steps "
-        f"({steps_per_epoch}/epoch), policy {type(policy).__name__}, device {device}"
+        checkpoint.restore_model(path, model, saved, setup.example)
+        graph = ArchGraph.from_module(model, setup.example)
+    cfg = setup.cfg
+    state = RunState(
+        model=model,
+        optimizer=make_optimizer(model, cfg["optimizer"]),
+        schedule=lr_multiplier(cfg["lr_schedule"], setup.steps_per_epoch, setup.total_steps),
+        scaler=torch.amp.GradScaler("cuda", enabled=setup.amp),
+        policy=policy,
+        path=path,
+        graph=graph,
     )
-
-    def save_checkpoint() -> None:
-        if not procs.is_main:
-            return
-        checkpoint.save(
-            ckpt_path,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "policy": policy.state_dict() if hasattr(policy, "state_dict") else None,
-                "rng": checkpoint.rng_states(),
-                "mutations": mutations,
-                "metrics": metrics,
-                "train_losses": train_losses,
-                "lr_scale": lr_scale[0],
-                "train_flops": train_flops,
-                "history": history.marks(),
-            },
-        )
-
     if saved is None:
-        save_checkpoint()  # step 0: a run killed before its first periodic checkpoint resumes
-        ckpt_step = 0
-    test_loss = test_acc = float("nan")
-    if metrics:
-        test_loss, test_acc = metrics[-1]["loss"], metrics[-1]["accuracy"]
-    progress = _progress(total_steps - step, tr["progress"] and procs.is_main)
-    net, completed = None, False
+        _check_policy(setup, state)
+    else:
+        state.load_state_dict(saved)
+    _open_history(setup, state, saved)
+    setup.log(
+        f"{cfg['model']['name']} on {cfg['data']['name']}: {setup.params_before} params, "
+        f"{setup.total_steps} steps ({setup.steps_per_epoch}/epoch), "
+        f"policy {type(policy).__name__}, device {setup.device}"
+    )
+    if saved is None:
+        _checkpoint(setup, state)  # step 0: a run killed before its first periodic one resumes
+    return state
+
+
+def _check_policy(setup: RunSetup, state: RunState) -> None:
+    """Let the policy validate its targets and budgets against the real model (on a batch of
+    the first training samples) before anything is written."""
+    check = getattr(state.policy, "check", None)
+    if check is None:
+        return
+    train = setup.splits.train
+    n = min(len(train), setup.trainer["batch_size"])
+    x0, y0 = default_collate([train[i] for i in range(n)])
+    check(_policy_view(setup, state, (x0.to(setup.device), y0.to(setup.device))))
+
+
+def _open_history(setup: RunSetup, state: RunState, saved: dict[str, Any] | None) -> None:
+    """Open the history (rank 0): a new run's config and first architecture, or a resumed
+    run's history without what was logged after its checkpoint (logged again, identically)."""
+    if setup.procs.is_main:
+        state.history = HistoryWriter(setup.run_dir / "history.db")
+    if saved is not None:
+        state.history.rewind(saved["history"])
+        setup.log(
+            f"resumed {setup.run_dir} at step {state.step} "
+            f"({len(state.mutations)} mutations so far)"
+        )
+    else:
+        state.history.write_run(setup.cfg, command=" ".join(sys.argv))
+        state.history.log_architecture(0, state.graph.to_node_link())
+
+
+def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
+    """Train, check that all processes agree, and mark the history completed, or failed with
+    the error's first line."""
+    completed = False
     try:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            train_loader.sampler.set_position(epoch, offset * train_loader.batch_size)
-            for x, y in train_loader:
-                if step >= total_steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                state = _state(
-                    step,
-                    steps_per_epoch,
-                    total_steps,
-                    model,
-                    (x, y),
-                    loss_fn,
-                    metrics,
-                    train_losses,
-                    initial_widths,
-                    size["params"],
-                    graph,
-                )
-                decided = procs.broadcast(policy.decide(state) if procs.is_main else None)
-                graph = state._graph if state._graph is not None else graph
-                for m in decided:
-                    macs_before = size["macs"]
-                    record = _apply_everywhere(procs, m, model, optimizer, (x, y), loss_fn)
-                    graph = ArchGraph.from_module(model)
-                    size = {"params": count_params(model), "macs": count_macs(model)}
-                    event = history.log_mutation(
-                        step,
-                        step / steps_per_epoch,
-                        record.to_dict(),
-                        reason=m.reason,
-                        macs_before=macs_before,
-                        macs_after=size["macs"],
-                    )
-                    history.log_architecture(step, graph.to_node_link(), event_id=event)
-                    mutations.append(
-                        {
-                            "kind": record.kind,
-                            "target": record.target,
-                            "k": record.k,
-                            "indices": record.indices,
-                        }
-                    )
-                    log(
-                        f"  step {step}: {m.op} {m.target} by {record.k} ({record.method}): "
-                        f"width {record.width_before} -> {record.width_after}, params "
-                        f"{record.params_before} -> {record.params_after}"
-                        + (f" [{m.reason}]" if m.reason else "")
-                    )
-                if decided or net is None:  # DDP holds the old parameters: wrap anew
-                    net = procs.wrap(model, device)
-                if not model.training:  # a recursive train() costs up to 0.3 ms a step
-                    model.train()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=amp):
-                    loss = loss_fn(net(x), y)
-                # the mean over all processes, so that they all take the same branch below
-                loss_value = float(procs.sum(loss.detach())) / procs.world
-                if not math.isfinite(loss_value):
-                    where = (
-                        f"the last good checkpoint is step {ckpt_step} in {ckpt_path}"
-                        if ckpt_step is not None
-                        else "no checkpoint was written yet"
-                    )
-                    finite_weights = all(bool(p.isfinite().all()) for p in model.parameters())
-                    if tr["on_nonfinite"] == "stop" or not finite_weights:
-                        what = "" if finite_weights else " and the weights are not finite"
-                        raise NumericalError(
-                            f"loss is {loss_value} at step {step}{what}; {where} (lower "
-                            "optimizer.lr, or set trainer.on_nonfinite=skip)"
-                        )
-                    lr_scale[0] *= tr["nonfinite_lr_factor"]
-                    log(f"  step {step}: loss is {loss_value}; update skipped, lr x{lr_scale[0]:g}")
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    train_losses.append(loss_value)
-                scheduler.step()
-                step += 1
-                # forward + backward ~ 3 forwards, 2 FLOPs a multiply-accumulate, all processes
-                train_flops += 6 * size["macs"] * len(x) * procs.world
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(
-                        loss=f"{train_losses[-1] if train_losses else float('nan'):.3f}",
-                        acc=f"{test_acc:.3f}",
-                        params=size["params"],
-                    )
-                if tr["log_every_steps"] and step % tr["log_every_steps"] == 0 and train_losses:
-                    history.log_metrics(
-                        step,
-                        step / steps_per_epoch,
-                        "train",
-                        {
-                            "loss": train_losses[-1],
-                            "lr": optimizer.param_groups[0]["lr"],
-                            "params": size["params"],
-                        },
-                    )
-                if procs.is_main and (step % eval_every == 0 or step == total_steps):
-                    test_loss, test_acc = evaluate(model, test_loader, device)
-                    window = train_losses[-eval_every:] or [float("nan")]
-                    row = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "train_loss": sum(window) / len(window),
-                        "loss": test_loss,
-                        "accuracy": test_acc,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "params": size["params"],
-                        "macs": size["macs"],
-                        "train_flops": train_flops,
-                    }
-                    metrics.append(row)
-                    history.log_metrics(
-                        step,
-                        row["epoch"],
-                        "eval",
-                        {k: v for k, v in row.items() if k not in ("step", "epoch")},
-                    )
-                    log(
-                        f"epoch {row['epoch']:.2f}: train_loss {row['train_loss']:.4f}  "
-                        f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
-                        f"lr {row['lr']:.4g}  params {row['params']}"
-                    )
-                periodic = ckpt_every > 0 and step % ckpt_every == 0
-                if decided or periodic or step == total_steps:
-                    save_checkpoint()
-                    ckpt_step = step
-        diverged = procs.mismatched_parameters(model)
-        if diverged:
-            raise DynarchError(f"processes hold different values of {', '.join(diverged[:5])}")
-        procs.sync_buffers(model)
-        if procs.world > 1:
-            log(f"parameters identical on all {procs.world} processes")
-        history.finish("completed")
+        _train(setup, state, progress)
+        _check_processes_agree(setup, state.model)
+        state.history.finish("completed")
         completed = True
     except BaseException as exc:
-        history.finish(
-            "failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
+        message = str(exc).strip()
+        state.history.finish("failed", message.splitlines()[0] if message else type(exc).__name__)
         raise
     finally:
         if progress is not None:
             progress.close()
-        history.close()
+        state.history.close()
         distributed.stop(together=completed)
-    if procs.is_main:
-        (run_dir / "architecture.json").write_text(graph.to_json() + "\n", encoding="utf-8")
-    return RunSummary(
-        params_before,
-        count_params(model),
-        test_loss,
-        test_acc,
-        len(mutations),
+
+
+def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
+    """Steps until the last, from the data position of the state's step (mid-epoch after a
+    resume)."""
+    loader = setup.train_loader
+    while state.step < setup.total_steps:
+        epoch, offset = divmod(state.step, setup.steps_per_epoch)
+        loader.sampler.set_position(epoch, offset * loader.batch_size)
+        for x, y in loader:
+            if state.step >= setup.total_steps:
+                break
+            x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+            _step(setup, state, progress, x, y)
+
+
+def _step(
+    setup: RunSetup, state: RunState, progress: Any, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    """One step: mutate, update, then show, log, evaluate and checkpoint when due."""
+    decided = _mutate(setup, state, x, y)
+    _update(setup, state, x, y)
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{state.train_losses[-1] if state.train_losses else float('nan'):.3f}",
+            acc=f"{state.test_accuracy:.3f}",
+            params=state.params,
+        )
+    step = state.step
+    if setup.trainer["log_every_steps"] and step % setup.trainer["log_every_steps"] == 0:
+        _log_train_metrics(setup, state)
+    if setup.procs.is_main and (step % setup.eval_every == 0 or step == setup.total_steps):
+        _evaluate_and_record(setup, state)
+    periodic = setup.checkpoint_every > 0 and step % setup.checkpoint_every == 0
+    if decided or periodic or step == setup.total_steps:
+        _checkpoint(setup, state)
+
+
+def _mutate(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> list[Mutation]:
+    """Ask the policy (rank 0; its decision is broadcast) and apply what it decided in every
+    process; the training module is wrapped anew after a change (DDP holds the old
+    parameters)."""
+    procs = setup.procs
+    view = _policy_view(setup, state, (x, y))
+    decided = procs.broadcast(state.policy.decide(view) if procs.is_main else None)
+    if view._graph is not None:  # traced by the policy
+        state.graph = view._graph
+    for m in decided:
+        _apply_and_record(setup, state, m, (x, y))
+    if decided or state.net is None:
+        state.net = procs.wrap(state.model, setup.device)
+    return decided
+
+
+def _apply_and_record(
+    setup: RunSetup, state: RunState, m: Mutation, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Apply ``m`` with the same optimizer (its state carried), then record it: the history's
+    event and architecture version, the checkpoint's list to replay, one printed line."""
+    step, macs_before = state.step, state.macs
+    record = _apply_everywhere(setup.procs, m, state.model, state.optimizer, batch, setup.loss_fn)
+    state.graph = ArchGraph.from_module(state.model)
+    state.measure()
+    event = state.history.log_mutation(
         step,
-        time.perf_counter() - start,
+        step / setup.steps_per_epoch,
+        record.to_dict(),
+        reason=m.reason,
+        macs_before=macs_before,
+        macs_after=state.macs,
     )
+    state.history.log_architecture(step, state.graph.to_node_link(), event_id=event)
+    state.mutations.append(
+        {"kind": record.kind, "target": record.target, "k": record.k, "indices": record.indices}
+    )
+    reason = f" [{m.reason}]" if m.reason else ""
+    setup.log(
+        f"  step {step}: {m.op} {m.target} by {record.k} ({record.method}): "
+        f"width {record.width_before} -> {record.width_after}, params "
+        f"{record.params_before} -> {record.params_after}{reason}"
+    )
+
+
+def _update(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Forward, backward and the optimizer and LR steps; a non-finite loss stops the run or
+    skips the update (``trainer.on_nonfinite``), the same way in every process."""
+    if not state.model.training:  # a recursive train() costs up to 0.3 ms a step
+        state.model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(setup.device.type, enabled=setup.amp):
+        loss = setup.loss_fn(state.net(x), y)
+    # the mean over all processes, so that they all take the same branch below
+    loss_value = float(setup.procs.sum(loss.detach())) / setup.procs.world
+    if not math.isfinite(loss_value):
+        _skip_nonfinite(setup, state, loss_value)
+    else:
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.train_losses.append(loss_value)
+    state.scheduler.step()
+    state.step += 1
+    # forward + backward ~ 3 forwards, 2 FLOPs a multiply-accumulate, all processes
+    state.train_flops += 6 * state.macs * len(x) * setup.procs.world
+
+
+def _skip_nonfinite(setup: RunSetup, state: RunState, loss_value: float) -> None:
+    """Lower the LR and go on (``trainer.on_nonfinite=skip``, weights still finite), or stop
+    with one line naming the step and the last good checkpoint."""
+    where = (
+        f"the last good checkpoint is step {state.last_checkpoint} in {state.path}"
+        if state.last_checkpoint is not None
+        else "no checkpoint was written yet"
+    )
+    finite_weights = all(bool(p.isfinite().all()) for p in state.model.parameters())
+    if setup.trainer["on_nonfinite"] == "stop" or not finite_weights:
+        what = "" if finite_weights else " and the weights are not finite"
+        raise NumericalError(
+            f"loss is {loss_value} at step {state.step}{what}; {where} (lower "
+            "optimizer.lr, or set trainer.on_nonfinite=skip)"
+        )
+    state.lr_scale *= setup.trainer["nonfinite_lr_factor"]
+    setup.log(f"  step {state.step}: loss is {loss_value}; update skipped, lr x{state.lr_scale:g}")
+
+
+def _log_train_metrics(setup: RunSetup, state: RunState) -> None:
+    """A 'train' row in the history (``trainer.log_every_steps``), once there is a loss."""
+    if not state.train_losses:
+        return
+    state.history.log_metrics(
+        state.step,
+        state.step / setup.steps_per_epoch,
+        "train",
+        {
+            "loss": state.train_losses[-1],
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "params": state.params,
+        },
+    )
+
+
+def _evaluate_and_record(setup: RunSetup, state: RunState) -> None:
+    """Evaluate on the test set: a metrics row for the checkpoint (policies read them), the
+    history and one printed line."""
+    state.test_loss, state.test_accuracy = evaluate(state.model, setup.test_loader, setup.device)
+    window = state.train_losses[-setup.eval_every :] or [float("nan")]
+    row = {
+        "step": state.step,
+        "epoch": state.step / setup.steps_per_epoch,
+        "train_loss": sum(window) / len(window),
+        "loss": state.test_loss,
+        "accuracy": state.test_accuracy,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "params": state.params,
+        "macs": state.macs,
+        "train_flops": state.train_flops,
+    }
+    state.metrics.append(row)
+    values = {k: v for k, v in row.items() if k not in ("step", "epoch")}
+    state.history.log_metrics(state.step, row["epoch"], "eval", values)
+    setup.log(
+        f"epoch {row['epoch']:.2f}: train_loss {row['train_loss']:.4f}  "
+        f"test_loss {state.test_loss:.4f}  test_acc {state.test_accuracy:.4f}  "
+        f"lr {row['lr']:.4g}  params {row['params']}"
+    )
+
+
+def _checkpoint(setup: RunSetup, state: RunState) -> None:
+    """Write the checkpoint (rank 0) and remember its step in every process."""
+    if setup.procs.is_main:
+        state.save()
+    state.last_checkpoint = state.step
+
+
+def _check_processes_agree(setup: RunSetup, model: nn.Module) -> None:
+    """After the last step: every process holds rank 0's parameters and buffers."""
+    procs = setup.procs
+    diverged = procs.mismatched_parameters(model)
+    if diverged:
+        raise DynarchError(f"processes hold different values of {', '.join(diverged[:5])}")
+    procs.sync_buffers(model)
+    if procs.world > 1:
+        setup.log(f"parameters identical on all {procs.world} processes")
 
 
 def _apply_everywhere(
@@ -493,11 +598,23 @@ def _apply_everywhere(
     return apply_mutation(m, model, optimizer, batch, loss_fn, reduce_sum=procs.sum)
 
 
-class _NoHistory:
-    """What processes other than rank 0 write to: nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        return lambda *args, **kwargs: {} if name == "marks" else None
+def _policy_view(
+    setup: RunSetup, state: RunState, batch: tuple[torch.Tensor, torch.Tensor]
+) -> TrainState:
+    """The run as the policy sees it at the state's step, before that step's update."""
+    return _state(
+        state.step,
+        setup.steps_per_epoch,
+        setup.total_steps,
+        state.model,
+        batch,
+        setup.loss_fn,
+        state.metrics,
+        state.train_losses,
+        setup.initial_widths,
+        state.params,
+        state.graph,
+    )
 
 
 def _silent(_message: str) -> None:
@@ -517,6 +634,7 @@ def _state(
     params,
     graph,
 ) -> TrainState:
+    """A :class:`TrainState` from its parts (positional: ``benchmarks/perf.py`` times it)."""
     return TrainState(
         step=step,
         epoch=step / steps_per_epoch,

@@ -44,8 +44,14 @@ class GrowEveryN:
         return []
 
 
+def child_pythonpath() -> str:
+    """The tests' helper modules first, then the caller's PYTHONPATH (a checkout to test that
+    is not the installed one)."""
+    return os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+
+
 def dynarch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     return subprocess.run(
         [sys.executable, "-m", "dynarch", *args],
         cwd=cwd,

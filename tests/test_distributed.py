@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import dynarch, run_dir_of
+from test_cli import child_pythonpath, dynarch, run_dir_of
 
 from dynarch.history import HistoryReader
 
@@ -35,7 +35,7 @@ CONFIG = [
 def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 -m dynarch ARGS``; on a time-out the whole process group
     is killed (torchrun's workers would otherwise outlive the test)."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node=2", "-m", "dynarch", *args]
     with subprocess.Popen(

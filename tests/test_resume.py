@@ -11,7 +11,9 @@ import pytest
 import torch
 from test_cli import dynarch, one_error_line, run_dir_of
 
+from dynarch.checkpoint import CheckpointError
 from dynarch.history import HistoryReader
+from dynarch.run_state import CHECKPOINT_KEYS, read_checkpoint
 
 # 2 epochs of digits (23 steps each), checkpoints every 6 steps, mutations at steps 12 and 30:
 # two grows at 12 (the second may die half-way), a Taylor prune and a random grow at 30.
@@ -42,6 +44,7 @@ def record(run_dir: Path) -> dict:
         "graphs": [history.architecture(v) for v, *_ in history.versions()],
         "weights": final["model"],
         "optimizer": final["optimizer"]["state"],
+        "checkpoint": final,
     }
 
 
@@ -66,6 +69,19 @@ def test_same_config_and_seed_give_the_same_run(reference: dict, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference, record(run_dir_of(result)))
     assert [e["step"] for e in reference["events"]] == [12, 12, 30, 30]
+
+
+def test_checkpoint_is_the_run_state_and_needs_all_of_it(reference: dict, tmp_path: Path) -> None:
+    """A real run's checkpoint is ``RunState.state_dict()``: its keys are the ones derived from
+    RunState's fields, in order, and one without any of them is refused with one line."""
+    payload = reference["checkpoint"]
+    assert list(payload) == ["format", *CHECKPOINT_KEYS]
+    for key in CHECKPOINT_KEYS:
+        path = tmp_path / f"without_{key}.pt"
+        torch.save({k: v for k, v in payload.items() if k != key}, path)
+        with pytest.raises(CheckpointError) as refused:
+            read_checkpoint(path)
+        assert str(refused.value) == f"{path} is not a complete checkpoint (no {key!r})"
 
 
 KILLS = {
