@@ -97,6 +97,27 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+class ResidualBlock(nn.Module):
+    """x + f(x), f = conv-BN-ReLU-conv-BN at the input's width and resolution: what depth
+    growth inserts. ``zero_last`` zeroes the last BatchNorm's gamma and beta, so f(x) = 0 in
+    train and eval mode and the block starts as the identity."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, zero_last: bool = False) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size, padding=padding, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=padding, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        if zero_last:
+            nn.init.zeros_(self.bn2.weight)
+            nn.init.zeros_(self.bn2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
 class ResNetSmall(nn.Module):
     """CIFAR-style ResNet: stem, three stages (w, 2w, 4w; strides 1, 2, 2), global pool, linear."""
 

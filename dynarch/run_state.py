@@ -19,7 +19,7 @@ from torch import nn
 
 from dynarch import checkpoint
 from dynarch.graph import ArchGraph
-from dynarch.history import HistoryWriter
+from dynarch.history_store import HistoryWriter
 from dynarch.models import count_params
 from dynarch.policies.base import Policy, count_macs
 

@@ -1,0 +1,166 @@
+"""Depth growth: a new layer after a module keeps the function, the names, the optimizer state,
+and is an ordinary target for width growth and pruning afterwards."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dynarch
+from dynarch.errors import DynarchError
+from dynarch.graph import ArchGraph
+from dynarch.models import resnet_small, vgg_small
+from dynarch.probes import buffers_restored
+from dynarch.surgery.deepen import deepen
+
+MODELS = {
+    "vgg_small": (vgg_small, (8, 1, 8, 8)),
+    "resnet_small": (resnet_small, (8, 1, 8, 8)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=4), (4, 3, 32, 32)),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=4), (4, 3, 32, 32)),
+    "mobilenet_v2": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=4, width_mult=0.25),
+        (4, 3, 32, 32),
+    ),
+}
+CASES = [
+    ("vgg_small", "features.relu2", "conv"),  # after a ReLU: conv-BN-ReLU
+    ("vgg_small", "features.conv3", "conv"),  # after a conv: conv-BN, no ReLU
+    ("vgg_small", "features.relu3", "residual"),
+    ("resnet_small", "layer2.0", "residual"),  # appended to a stage (a Sequential)
+    ("resnet_small", "layer1.0.conv1", "conv"),  # inside a block: its forward re-generated
+    ("resnet_small", "stem", "residual"),  # a child of the model itself
+    ("resnet18", "layer2.1", "residual"),
+    ("resnet18", "layer3.0.bn1", "conv"),
+    ("vgg11_bn", "features.2", "conv"),
+    ("mobilenet_v2", "features.3", "residual"),
+    ("mobilenet_v2", "features.4.conv.0", "conv"),
+]
+
+
+@functools.cache
+def _trained(arch: str) -> tuple[nn.Module, torch.Tensor]:
+    """The model after one SGD step (momentum buffers set, BatchNorm statistics moved)."""
+    build, shape = MODELS[arch]
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(*shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    nn.functional.cross_entropy(model(x), torch.arange(len(x)) % 4).backward()
+    optimizer.step()
+    return model, x
+
+
+def _fresh(arch: str) -> tuple[nn.Module, torch.optim.SGD, torch.Tensor]:
+    """A copy in float64, so that "unchanged" means the maths and not float32 round-off (an
+    identity BatchNorm, (x - m) / s * s + m, rounds to ~1e-6 and deep nets amplify that)."""
+    model, x = copy.deepcopy(_trained(arch))
+    model, x = model.double(), x.double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    nn.functional.cross_entropy(model(x), torch.arange(len(x)) % 4).backward()
+    optimizer.step()
+    return model, optimizer, x
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode and train-mode outputs (dropout seeded; running statistics kept)."""
+    with torch.no_grad(), buffers_restored(model):
+        model.eval()
+        evaluated = model(x)
+        model.train()
+        torch.manual_seed(1)
+        trained = model(x)
+    return evaluated, trained
+
+
+@pytest.mark.parametrize("arch,after,kind", CASES)
+def test_insertion_keeps_outputs_names_and_momentum(arch: str, after: str, kind: str) -> None:
+    model, optimizer, x = _fresh(arch)
+    params = dict(model.named_parameters())
+    momentum = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in params.items()}
+    eval_before, train_before = _outputs(model, x)
+
+    record = deepen(model, after, kind, optimizer=optimizer, example_inputs=x, data=(x, None))
+
+    eval_after, train_after = _outputs(model, x)
+    torch.testing.assert_close(eval_after, eval_before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(train_after, train_before, rtol=0, atol=1e-5)
+    now = dict(model.named_parameters())
+    assert all(now[n] is p for n, p in params.items())  # same names, same tensors
+    new = [n for n in now if n not in params]
+    assert new and all(n.startswith(record.group + ".") for n in new)
+    # one training step: the new layer learns, the old momentum is carried on
+    group = optimizer.param_groups[0]["params"]
+    assert all(any(p is q for q in group) for p in model.get_submodule(record.group).parameters())
+    nn.functional.cross_entropy(model.train()(x), torch.arange(len(x)) % 4).backward()
+    before_step = {n: now[n].detach().clone() for n in new}
+    optimizer.step()
+    assert any(not torch.equal(now[n], before_step[n]) for n in new)
+    for name, p in params.items():
+        expected = 0.9 * momentum[name] + p.grad
+        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], expected)
+
+
+def test_a_deepened_model_grows_and_prunes_with_a_consistent_graph() -> None:
+    model, optimizer, x = _fresh("vgg_small")
+    deepen(model, "features.relu2", "conv", optimizer=optimizer, example_inputs=x)
+    deepen(model, "features.relu3", "residual", optimizer=optimizer)
+    graph = ArchGraph.from_module(model)
+    width = graph.widths()
+    assert {"features.relu2_deep0.conv", "features.relu3_deep0.conv1"} <= set(graph.targets())
+    eval_before, _ = _outputs(model, x)
+    dynarch.grow(model, "features.relu3_deep0.conv1", 4, init="zeros", optimizer=optimizer)
+    dynarch.grow(model, "features.relu2_deep0.conv", 4, init="zeros", optimizer=optimizer)
+    torch.testing.assert_close(_outputs(model, x)[0], eval_before, rtol=0, atol=1e-5)
+    conv_width = width["features.relu2_deep0.conv"]
+    assert model.features.relu2_deep0.bn.num_features == conv_width + 4
+    dynarch.prune(model, "features.relu2_deep0.conv", k=6, optimizer=optimizer)
+    now = ArchGraph.from_module(model).widths()
+    assert now["features.relu2_deep0.conv"] == conv_width - 2
+    assert now["features.relu3_deep0.conv1"] == width["features.relu3_deep0.conv1"] + 4
+    assert model.features.conv3.in_channels == model.features.relu2_deep0.conv.out_channels
+
+
+def test_a_deepened_model_can_be_copied_and_deepened_again() -> None:
+    model, _, x = _fresh("resnet_small")
+    deepen(model, "layer1.0.conv1", "conv", example_inputs=x)
+    deepen(model, "layer1.0.conv1", "residual")
+    assert [n for n, _ in model.layer1[0].named_children()][:3] == [
+        "conv1",
+        "bn1",
+        "relu1",
+    ]
+    assert {"conv1_deep0", "conv1_deep1"} <= set(model.layer1[0]._modules)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone.eval()(x), model.eval()(x), rtol=0, atol=0)
+    clone.layer1[0].conv1_deep1.bn2.weight.data.fill_(1.0)  # the copy calls its own layers
+    assert not torch.allclose(clone(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "arch,after,kind,message",
+    [
+        ("vgg_small", "features.nope", "conv", "no module named 'features.nope'"),
+        ("vgg_small", "classifier.fc1", "conv", "not a feature map"),
+        ("vgg_small", "features.relu2", "dense", "unknown deepen kind 'dense'"),
+        ("resnet18", "layer1.0.relu", "conv", "runs 2 times in the forward pass"),
+        ("vgg_small", "", "conv", "no module named ''"),
+    ],
+)
+def test_bad_positions_are_one_line_and_change_nothing(
+    arch: str, after: str, kind: str, message: str
+) -> None:
+    model, optimizer, x = _fresh(arch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    groups = [list(g["params"]) for g in optimizer.param_groups]
+    with pytest.raises(DynarchError, match=message) as info:
+        deepen(model, after, kind, optimizer=optimizer, example_inputs=x)
+    assert "\n" not in str(info.value)
+    assert [n for n, _ in model.named_modules()] == names
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [list(g["params"]) for g in optimizer.param_groups] == groups
