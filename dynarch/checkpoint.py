@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
+from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 
@@ -121,6 +122,8 @@ def replay(model: nn.Module, mutations: list[dict[str, Any]], example: torch.Ten
     for m in mutations:
         if m["kind"] == "grow":
             grow(model, m["target"], m["k"], init="zeros", example_inputs=example)
+        elif m["kind"] == "deepen":
+            deepen(model, m["target"], m["method"], example_inputs=example, **m["options"])
         else:
             prune(model, m["target"], idxs=m["indices"], example_inputs=example)
 

@@ -31,6 +31,7 @@ from dynarch.history_store import HistoryWriter
 from dynarch.models import build_model, count_params
 from dynarch.policies.base import Mutation, Policy, TrainState
 from dynarch.run_state import RunState, read_checkpoint
+from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
@@ -141,6 +142,10 @@ def apply_mutation(
             optimizer=optimizer,
             reduce_sum=reduce_sum,
             **m.init_options,
+        )
+    if m.op == "deepen":
+        return deepen(
+            model, m.target, m.kind, optimizer=optimizer, data=batch, reduce_sum=reduce_sum
         )
     if m.op == "prune":
         return prune(
@@ -462,15 +467,28 @@ def _apply_and_record(
         macs_after=state.macs,
     )
     state.history.log_architecture(step, state.graph.to_node_link(), event_id=event)
-    state.mutations.append(
-        {"kind": record.kind, "target": record.target, "k": record.k, "indices": record.indices}
-    )
+    state.mutations.append(_replay_entry(record))
     reason = f" [{m.reason}]" if m.reason else ""
-    setup.log(
-        f"  step {step}: {m.op} {m.target} by {record.k} ({record.method}): "
-        f"width {record.width_before} -> {record.width_after}, params "
-        f"{record.params_before} -> {record.params_after}{reason}"
+    what = (
+        f"deepen after {m.target}: {record.method} ({record.group})"
+        if m.op == "deepen"
+        else f"{m.op} {m.target} by {record.k} ({record.method}): "
+        f"width {record.width_before} -> {record.width_after}"
     )
+    setup.log(
+        f"  step {step}: {what}, params {record.params_before} -> {record.params_after}{reason}"
+    )
+
+
+def _replay_entry(record: MutationRecord) -> dict[str, Any]:
+    """What a resume needs to give a fresh model this mutation's shapes (values come from the
+    checkpoint): the channels, or for a deepen the kind and options of the inserted layer."""
+    entry = {"kind": record.kind, "target": record.target, "k": record.k}
+    entry["indices"] = record.indices
+    if record.kind == "deepen":
+        entry["method"] = record.method
+        entry["options"] = {"kernel_size": record.info["kernel_size"], "norm": record.info["norm"]}
+    return entry
 
 
 def _update(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -132,6 +132,8 @@ class Diff:
     layers: Table  # layer, in_a, in_b, out_a, out_b: every module whose channels changed
     nodes_added: list[str]
     nodes_removed: list[str]
+    layers_added: list[str]  # modules (a deepen's new layers), in the order they run
+    layers_removed: list[str]
     params_a: int | None
     params_b: int | None
     macs_a: int | None
@@ -156,6 +158,8 @@ class Diff:
             "layers": self.layers.to_dicts(),
             "nodes_added": self.nodes_added,
             "nodes_removed": self.nodes_removed,
+            "layers_added": self.layers_added,
+            "layers_removed": self.layers_removed,
             "params_a": self.params_a,
             "params_b": self.params_b,
             "params_delta": self.params_delta,
@@ -175,6 +179,8 @@ class Diff:
             f"params {delta(self.params_a, self.params_b)}",
             f"MACs   {delta(self.macs_a, self.macs_b)}",
         ]
+        if self.layers_added or self.layers_removed:
+            parts.append(f"layers added {self.layers_added}, removed {self.layers_removed}")
         if self.nodes_added or self.nodes_removed:
             parts.append(f"nodes added {self.nodes_added}, removed {self.nodes_removed}")
         parts += ["", "channel groups:", str(self.groups) if len(self.groups) else "  (no change)"]
@@ -395,6 +401,8 @@ class History:
         grown: dict[str, int] = {}
         pruned: dict[str, int] = {}
         for e in between:
+            if e["kind"] not in ("grow", "prune"):  # a deepen adds layers, not channels
+                continue
             into = grown if (e["kind"] == "grow") == forward else pruned
             into[e["grp"]] = into.get(e["grp"], 0) + e["k"]
         wa = group_widths(groups_of(ga))
@@ -407,7 +415,7 @@ class History:
         layer_rows = []
         order = nx.topological_sort(gb) if nx.is_directed_acyclic_graph(gb) else gb.nodes
         for n in order:
-            if n not in gb:
+            if n not in ga:  # added: listed in nodes_added
                 continue
             a, b = ga.nodes[n], gb.nodes[n]
             ins = (a.get("in_channels"), b.get("in_channels"))
@@ -425,6 +433,8 @@ class History:
             layers=Table(("layer", "in_a", "in_b", "out_a", "out_b"), layer_rows),
             nodes_added=sorted(set(gb.nodes) - set(ga.nodes)),
             nodes_removed=sorted(set(ga.nodes) - set(gb.nodes)),
+            layers_added=_new_modules(ga, gb),
+            layers_removed=_new_modules(gb, ga),
             params_a=stats[va][0],
             params_b=stats[vb][0],
             macs_a=stats[va][1],
@@ -534,3 +544,9 @@ def compare(*runs: str | Path | History) -> Table:
     groups = dict.fromkeys(g for s in sums for g in s["widths_final"])
     rows += [(f"width {g}", *(s["widths_final"].get(g) for s in sums)) for g in groups]
     return Table(("", *names), rows)
+
+
+def _new_modules(old: nx.DiGraph, new: nx.DiGraph) -> list[str]:
+    """Module nodes of ``new`` that ``old`` does not have, in topological order."""
+    order = nx.topological_sort(new) if nx.is_directed_acyclic_graph(new) else new.nodes
+    return [n for n in order if n not in old and new.nodes[n].get("kind") == "module"]

@@ -12,9 +12,12 @@ import torchvision
 from torch import nn
 
 import dynarch
+from dynarch.controller import _state
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.models import resnet_small, vgg_small
+from dynarch.policies import Schedule, TrainState
+from dynarch.policies.schedule import ScheduleError
 from dynarch.probes import buffers_restored
 from dynarch.surgery.deepen import deepen
 
@@ -22,7 +25,7 @@ MODELS = {
     "vgg_small": (vgg_small, (8, 1, 8, 8)),
     "resnet_small": (resnet_small, (8, 1, 8, 8)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=4), (4, 3, 32, 32)),
-    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=4), (4, 3, 32, 32)),
+    "vgg11_bn": (lambda: _small_head(torchvision.models.vgg11_bn(num_classes=4)), (4, 3, 32, 32)),
     "mobilenet_v2": (
         lambda: torchvision.models.mobilenet_v2(num_classes=4, width_mult=0.25),
         (4, 3, 32, 32),
@@ -41,6 +44,14 @@ CASES = [
     ("mobilenet_v2", "features.3", "residual"),
     ("mobilenet_v2", "features.4.conv.0", "conv"),
 ]
+
+
+def _small_head(vgg: nn.Module) -> nn.Module:
+    """torchvision's vgg11_bn features with a 512 -> 4 head (its 25088 x 4096 classifier would
+    take the test's time, and depth is inserted in the features)."""
+    vgg.avgpool = nn.AdaptiveAvgPool2d(1)
+    vgg.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(512, 4))
+    return vgg
 
 
 @functools.cache
@@ -164,3 +175,30 @@ def test_bad_positions_are_one_line_and_change_nothing(
     assert [n for n, _ in model.named_modules()] == names
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert [list(g["params"]) for g in optimizer.param_groups] == groups
+
+
+def test_a_schedule_checks_its_deepen_entries_before_training() -> None:
+    with pytest.raises(ScheduleError, match=r"schedule\[0\]: unknown deepen kind 'residal'.*"):
+        Schedule([{"epoch": 1, "op": "deepen", "after": "features.relu2", "kind": "residal"}])
+    with pytest.raises(ScheduleError, match=r"schedule\[0\]: unknown key\(s\) 'target'"):
+        Schedule([{"epoch": 1, "op": "deepen", "target": "features.relu2"}])
+    model, _, x = _fresh("vgg_small")
+    state = _policy_state(model, x)
+    bad = Schedule([{"step": 1, "op": "deepen", "after": "features.relu9"}])
+    with pytest.raises(ScheduleError, match="no module named 'features.relu9' to deepen after"):
+        bad.check(state)
+    good = Schedule(
+        [
+            {"step": 1, "op": "deepen", "after": "features.relu2"},
+            {"step": 2, "op": "grow", "target": "features.relu2_deep0.conv", "k": 2},
+        ]
+    )
+    good.check(state)  # the grow's target is the layer the deepen will add
+
+
+def _policy_state(model: nn.Module, x: torch.Tensor) -> TrainState:
+    graph = ArchGraph.from_module(model, x)
+    widths = graph.widths()
+    batch = (x, torch.zeros(len(x), dtype=torch.long))
+    loss = nn.functional.cross_entropy
+    return _state(0, 10, 100, model, batch, loss, [], [], widths, 0, graph)

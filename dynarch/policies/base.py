@@ -45,15 +45,16 @@ def check_fraction(name: str, value: Any, allow_none: bool = False, below_one: b
 
 @dataclass
 class Mutation:
-    """One grow or prune the controller should apply now."""
+    """One grow, prune or deepen the controller should apply now."""
 
-    op: str  # "grow" | "prune"
-    target: str
+    op: str  # "grow" | "prune" | "deepen"
+    target: str  # deepen: the module the new layer goes after
     k: int | None = None
     idxs: list[int] | None = None  # prune only: exact channels instead of k
     init: str = "random"  # grow only
     init_options: dict[str, Any] = field(default_factory=dict)
     importance: str = "magnitude"  # prune only
+    kind: str = "conv"  # deepen only: "conv" | "residual"
     reason: str = ""
 
 

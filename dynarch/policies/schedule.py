@@ -10,12 +10,14 @@ from typing import Any
 from dynarch.errors import DynarchError, close_matches
 from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
+from dynarch.surgery.deepen import KINDS as DEEPEN_KINDS
 from dynarch.surgery.prune import check_importance
 
-OPS = ("grow", "prune")
+OPS = ("grow", "prune", "deepen")
 _ENTRY_KEYS = {
     "grow": {"epoch", "step", "op", "target", "k", "init", "init_options"},
     "prune": {"epoch", "step", "op", "target", "k", "importance"},
+    "deepen": {"epoch", "step", "op", "after", "kind"},
 }
 
 
@@ -54,8 +56,9 @@ class Schedule:
 
     def check(self, state: TrainState) -> None:
         graph = state.graph
-        targets = graph.targets()
         widths = {g.name: g.width for g in graph.groups}
+        modules = {name for name, _ in state.model.named_modules()}
+        inserted: list[str] = []  # layers earlier deepen entries will have added
         for e in sorted(self.entries, key=lambda e: e.step(state)):
             where, m = f"schedule[{e.index}]", e.mutation
             if not 0 <= e.step(state) < state.total_steps:
@@ -64,26 +67,10 @@ class Schedule:
                     f"({state.total_steps} steps, {state.total_steps / state.steps_per_epoch:g} "
                     "epochs)"
                 )
-            if m.target not in targets:
-                known = graph.group_by_module.get(m.target)
-                if known is not None and known.at_output:
-                    problem = f"{m.target!r} produces the model's output, whose width is fixed"
-                elif known is not None and known.unsupported:
-                    problem = f"cannot change the channels of {m.target!r}: {known.unsupported}"
-                else:
-                    problem = f"unknown target {m.target!r}"
-                raise ScheduleError(
-                    f"{where}: {problem}; targets: {', '.join(targets)}"
-                    + close_matches(m.target, targets)
-                )
-            group = graph.group_of(m.target).name
-            change = m.k if m.op == "grow" else -m.k
-            if widths[group] + change < 1:
-                raise ScheduleError(
-                    f"{where}: pruning {m.k} channels of {m.target!r} would leave "
-                    f"{widths[group] + change} (its width is {widths[group]} then)"
-                )
-            widths[group] += change
+            if m.op == "deepen":
+                inserted.append(_check_deepen(where, m, modules, inserted))
+            elif not any(m.target.startswith(f"{name}.") for name in inserted):
+                _check_width(where, m, graph, widths)
 
     def decide(self, state: TrainState) -> list[Mutation]:
         # epochs become steps only now (steps per epoch are known), in listed order for ties
@@ -103,6 +90,44 @@ class Schedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = int(state["done"])
+
+
+def _check_deepen(where: str, m: Mutation, modules: set[str], inserted: list[str]) -> str:
+    """``m.target`` exists (now or after an earlier entry); the name the new layer will get."""
+    known = modules | set(inserted)
+    if m.target not in known and not any(m.target.startswith(f"{n}.") for n in inserted):
+        raise ScheduleError(
+            f"{where}: no module named {m.target!r} to deepen after"
+            + close_matches(m.target, known)
+        )
+    index = 0
+    while f"{m.target}_deep{index}" in known:
+        index += 1
+    return f"{m.target}_deep{index}"
+
+
+def _check_width(where: str, m: Mutation, graph: Any, widths: dict[str, int]) -> None:
+    """``m.target`` is a target and its group keeps at least one channel; ``widths`` follows."""
+    targets = graph.targets()
+    if m.target not in targets:
+        known = graph.group_by_module.get(m.target)
+        if known is not None and known.at_output:
+            problem = f"{m.target!r} produces the model's output, whose width is fixed"
+        elif known is not None and known.unsupported:
+            problem = f"cannot change the channels of {m.target!r}: {known.unsupported}"
+        else:
+            problem = f"unknown target {m.target!r}"
+        raise ScheduleError(
+            f"{where}: {problem}; targets: {', '.join(targets)}" + close_matches(m.target, targets)
+        )
+    group = graph.group_of(m.target).name
+    change = m.k if m.op == "grow" else -m.k
+    if widths[group] + change < 1:
+        raise ScheduleError(
+            f"{where}: pruning {m.k} channels of {m.target!r} would leave "
+            f"{widths[group] + change} (its width is {widths[group]} then)"
+        )
+    widths[group] += change
 
 
 def _parse(entries: Any) -> list[_Entry]:
@@ -129,32 +154,44 @@ def _parse(entries: Any) -> list[_Entry]:
             )
         if ("epoch" in entry) == ("step" in entry):
             raise ScheduleError(f"{where}: give exactly one of epoch or step")
-        missing = sorted({"target", "k"} - set(entry))
-        if missing:
-            raise ScheduleError(f"{where}: missing {', '.join(missing)}")
         in_steps = "step" in entry
-        when, target, k = entry["step" if in_steps else "epoch"], entry["target"], entry["k"]
+        when = entry["step" if in_steps else "epoch"]
         if isinstance(when, bool) or not isinstance(when, (int, float)) or math.isnan(when):
             raise ScheduleError(f"{where}: epoch/step must be a number, got {when!r}")
         if when < 0:
             raise ScheduleError(f"{where}: epoch/step must be >= 0, got {when!r}")
-        if not isinstance(target, str) or not target:
-            raise ScheduleError(f"{where}: target must be a module name, got {target!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ScheduleError(f"{where}: k must be a positive integer, got {k!r}")
-        mutation = Mutation(op=op, target=target, k=k)
+        parsed.append(_Entry(index, float(when), in_steps, _mutation(where, op, entry)))
+    return parsed
+
+
+def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
+    """The entry's mutation, its names and values checked (initializer options included)."""
+    if op == "deepen":
+        after, kind = entry.get("after"), entry.get("kind", "conv")
+        if not isinstance(after, str) or not after:
+            raise ScheduleError(f"{where}: after must be a module name, got {after!r}")
+        if kind not in DEEPEN_KINDS:
+            raise ScheduleError(
+                f"{where}: unknown deepen kind {kind!r}; known: {', '.join(DEEPEN_KINDS)}"
+                + close_matches(str(kind), DEEPEN_KINDS)
+            )
+        return Mutation(op="deepen", target=after, kind=kind)
+    missing = sorted({"target", "k"} - set(entry))
+    if missing:
+        raise ScheduleError(f"{where}: missing {', '.join(missing)}")
+    target, k = entry["target"], entry["k"]
+    if not isinstance(target, str) or not target:
+        raise ScheduleError(f"{where}: target must be a module name, got {target!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ScheduleError(f"{where}: k must be a positive integer, got {k!r}")
+    mutation = Mutation(op=op, target=target, k=k)
+    try:
         if op == "grow":
             mutation.init = entry.get("init", "random")
             mutation.init_options = dict(entry.get("init_options") or {})
-            try:
-                check_initializer(mutation.init, mutation.init_options)
-            except DynarchError as exc:
-                raise ScheduleError(f"{where}: {exc}") from None
+            check_initializer(mutation.init, mutation.init_options)
         else:
-            mutation.importance = entry.get("importance", "magnitude")
-            try:
-                check_importance(mutation.importance)
-            except DynarchError as exc:
-                raise ScheduleError(f"{where}: {exc}") from None
-        parsed.append(_Entry(index, float(when), in_steps, mutation))
-    return parsed
+            mutation.importance = check_importance(entry.get("importance", "magnitude"))
+    except DynarchError as exc:
+        raise ScheduleError(f"{where}: {exc}") from None
+    return mutation

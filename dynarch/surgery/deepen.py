@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,9 +54,11 @@ def deepen(
     data: Any = None,
     kernel_size: int = 3,
     norm: bool = True,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MutationRecord:
     """Insert a new ``kind`` layer right after module ``after`` (its output feeds the new layer,
-    whose output goes wherever ``after``'s went). On any error nothing is changed."""
+    whose output goes wherever ``after``'s went). On any error nothing is changed.
+    ``reduce_sum`` sums the BatchNorm's input statistics over the processes of a run."""
     start = time.perf_counter()
     if kind not in KINDS:
         raise InvalidMutationError(f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}")
@@ -71,14 +73,14 @@ def deepen(
         device=reference.device, dtype=reference.dtype
     )
     if kind == "conv" and norm and data is not None:
-        _pass_through(new.bn, _input_statistics(model, module, data))
+        _pass_through(new.bn, _input_statistics(model, module, data, reduce_sum))
     parent = model.get_submodule(parent_name)
     name = _free_name(parent, leaf)
     params_before = count_params(model)
     before = eval_output(model)
     with _restored_on_error(parent, optimizer):
         _insert(parent, leaf, name, new)
-        _add_to_optimizer(optimizer, module, new)
+        _add_to_optimizer(optimizer, model, module, new)
         after_output = check_forward(model, f"deepening after {after!r}")
     full = f"{parent_name}.{name}" if parent_name else name
     return MutationRecord(
@@ -139,10 +141,14 @@ def _feature_map_channels(model: nn.Module, module: nn.Module, after: str, examp
 
 
 def _input_statistics(
-    model: nn.Module, module: nn.Module, data: Any
+    model: nn.Module,
+    module: nn.Module,
+    data: Any,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``module``'s output on ``data``'s first batch, in
-    train mode (what the new BatchNorm will see), with running statistics left as they were."""
+    """Per-channel mean and biased variance of ``module``'s output on ``data``'s first batch
+    (all processes' batches with ``reduce_sum``), in train mode (what the new BatchNorm will
+    see), with running statistics left as they were."""
     x = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
     outputs: list[torch.Tensor] = []
     # a clone: the next op may be an in-place ReLU (torchvision's blocks)
@@ -152,8 +158,14 @@ def _input_statistics(
             model(x.to(next(model.parameters()).device))
     finally:
         hook.remove()
-    out = outputs[0]
-    return out.mean((0, 2, 3)), out.var((0, 2, 3), unbiased=False)
+    out = outputs[0].double()
+    sums = torch.stack([out.sum((0, 2, 3)), out.pow(2).sum((0, 2, 3))])
+    count = torch.tensor(float(out.numel() // out.shape[1]), device=out.device)
+    if reduce_sum is not None:
+        sums, count = reduce_sum(sums), reduce_sum(count)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean.pow(2)).clamp_min(0)
+    return mean.to(outputs[0].dtype), var.to(outputs[0].dtype)
 
 
 def _pass_through(bn: nn.BatchNorm2d, stats: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -253,9 +265,14 @@ def _traced(parent: nn.Module, leaf: str) -> torch.fx.Graph:
 
 
 def _add_to_optimizer(
-    optimizer: torch.optim.Optimizer | None, neighbour: nn.Module, new: nn.Module
+    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module,
+    neighbour: nn.Module,
+    new: nn.Module,
 ) -> None:
-    """New parameters join the param group of ``neighbour``'s parameters (else the first)."""
+    """New parameters join the param group of ``neighbour``'s parameters (else the first), in
+    the model's parameter order: an optimizer built on the replayed model after a resume lists
+    them in the same places, so its saved state maps back one to one."""
     if optimizer is None:
         return
     own = {id(p) for p in neighbour.parameters()}
@@ -263,7 +280,9 @@ def _add_to_optimizer(
         (g for g in optimizer.param_groups if any(id(p) in own for p in g["params"])),
         optimizer.param_groups[0],
     )
-    group["params"].extend(new.parameters())
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    params = list(group["params"]) + list(new.parameters())
+    group["params"] = sorted(params, key=lambda p: order.get(id(p), len(order)))
 
 
 @contextmanager
