@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         LayerKind,
         register_layer_kind,
     )
+    from dynarch.surgery.deepen import deepen  # noqa: F401
     from dynarch.surgery.grow import grow  # noqa: F401
     from dynarch.surgery.prune import prune  # noqa: F401
     from dynarch.surgery.record import MutationRecord  # noqa: F401
@@ -35,6 +36,7 @@ _HOMES = {
     "LayerKind": "dynarch.layer_kinds",
     "MutationRecord": "dynarch.surgery.record",
     "NewChannels": "dynarch.growth_context",
+    "deepen": "dynarch.surgery.deepen",
     "grow": "dynarch.surgery.grow",
     "prune": "dynarch.surgery.prune",
     "register_initializer": "dynarch.initializers",

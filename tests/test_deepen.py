@@ -12,11 +12,11 @@ import torchvision
 from torch import nn
 
 import dynarch
-from dynarch.controller import _state
+from dynarch.controller import _state, apply_mutation
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.models import resnet_small, vgg_small
-from dynarch.policies import Schedule, TrainState
+from dynarch.policies import Deepen, EveryNSteps, PolicyError, Schedule, TrainState
 from dynarch.policies.schedule import ScheduleError
 from dynarch.probes import buffers_restored
 from dynarch.surgery.deepen import deepen
@@ -202,3 +202,25 @@ def _policy_state(model: nn.Module, x: torch.Tensor) -> TrainState:
     batch = (x, torch.zeros(len(x), dtype=torch.long))
     loss = nn.functional.cross_entropy
     return _state(0, 10, 100, model, batch, loss, [], [], widths, 0, graph)
+
+
+def test_the_deepen_policy_takes_turns_within_its_budget() -> None:
+    model, optimizer, x = _fresh("vgg_small")
+    params = sum(p.numel() for p in model.parameters())
+    residual_cost = 2 * (16 * 16 * 9 + 2 * 16)  # two 3x3 convs and two BatchNorms at width 16
+    policy = Deepen(
+        EveryNSteps(1), ["features.relu2", "features.relu1"], max_params=params + residual_cost
+    )
+    state = _policy_state(model, x)
+    policy.check(state)
+    (first,) = policy.decide(state)
+    assert (first.op, first.target, first.kind) == ("deepen", "features.relu2", "residual")
+    apply_mutation(first, model, optimizer, state.batch, state.loss_fn)
+    assert sum(p.numel() for p in model.parameters()) == params + residual_cost
+    assert policy.decide(_policy_state(model, x)) == []  # a second block would not fit
+    saved = policy.state_dict()
+    assert saved["turn"] == 1
+    with pytest.raises(PolicyError, match="did you mean: 'features.relu2'"):
+        Deepen(EveryNSteps(1), ["features.relu22"]).check(state)
+    with pytest.raises(PolicyError, match="unknown deepen kind"):
+        Deepen(EveryNSteps(1), ["features.relu2"], kind="dense")

@@ -96,3 +96,60 @@ def test_random_mutation_sequences(arch: str, mutations) -> None:
         opt.step()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
         assert_graph_matches_modules(model)
+
+
+PLACES = ["stem", "stem.relu", "layer1.0", "layer1.0.relu1", "layer2.0.conv1", "layer3.0"]
+DEPTH_MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["deepen", "grow", "prune"]),
+        st.integers(0, 10_000),
+        st.integers(1, 3),
+        st.sampled_from(["conv", "residual"]),
+    ),
+    min_size=20,
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=2,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.generate],
+)
+@given(mutations=DEPTH_MUTATIONS)
+def test_random_sequences_mixing_depth_width_and_pruning(mutations) -> None:
+    """Deepen (conv or residual, anywhere in a ResNet), grow and prune in any order: every
+    deepen and every zeros growth keeps the eval outputs, the graph always matches the
+    modules, and the new layers are grown and pruned like the others."""
+    torch.manual_seed(0)
+    model = randomize_norms(ARCHS["resnet_small"]())
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dynarch.ArchGraph.from_module(model, x)
+    for op, pick, k, kind in mutations:
+        targets = dynarch.ArchGraph.from_module(model).targets()
+        model.eval()
+        with torch.no_grad():
+            before = model(x)
+        if op == "deepen":
+            dynarch.deepen(model, PLACES[pick % len(PLACES)], kind, optimizer=opt)
+        elif op == "grow":
+            dynarch.grow(model, targets[pick % len(targets)], k, init="zeros", optimizer=opt)
+        else:
+            target = targets[pick % len(targets)]
+            if model.get_submodule(target).weight.shape[0] - k < 1:
+                continue
+            dynarch.prune(model, target, k=k, optimizer=opt)
+        if op != "prune":
+            with torch.no_grad():
+                change = float((model(x) - before).abs().max())
+            assert change <= 1e-5, f"{op} changed the outputs by {change}"
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert_graph_matches_modules(model)
+    assert any(name.endswith("_deep0") for name, _ in model.named_modules())

@@ -13,6 +13,7 @@ from dynarch.policies.amount import (
     North,
 )
 from dynarch.policies.base import Mutation, Policy, PolicyError, TrainState, count_macs
+from dynarch.policies.depth import Deepen
 from dynarch.policies.grow_prune import Compose, Cycle, Grow, Prune
 from dynarch.policies.schedule import Schedule, ScheduleError, Static
 from dynarch.policies.when import AtSteps, EveryNSteps, LossPlateau
@@ -23,6 +24,7 @@ __all__ = [
     "AtSteps",
     "Compose",
     "Cycle",
+    "Deepen",
     "EveryNSteps",
     "Fixed",
     "FractionOfCurrent",

@@ -27,13 +27,14 @@ COUNTERS: dict[str, Callable[[nn.Module], int]] = {"params": count_params, "macs
 _BISECTION_STEPS = 16
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def trial_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that remembers the model's example inputs (to be mutated and measured)."""
     twin = copy.deepcopy(model)
     remember_example_inputs(twin, remember_example_inputs(model, None))
     return twin
 
 
-def _within(model: nn.Module, limits: dict[str, int]) -> bool:
+def within_limits(model: nn.Module, limits: dict[str, int]) -> bool:
     return all(COUNTERS[what](model) <= limit for what, limit in limits.items())
 
 
@@ -44,7 +45,7 @@ def fit_growth(
     decision stays within ``limits`` (e.g. ``{"params": 50_000}``)."""
     if not limits:
         return wanted
-    twin = _copy(state.model)
+    twin = trial_copy(state.model)
     fitted = []
     for target, k in wanted:
         before = {what: COUNTERS[what](twin) for what in limits}
@@ -61,7 +62,7 @@ def fit_growth(
             grow(twin, target, k - 1)
         elif k == 0:
             prune(twin, target, idxs=[width])
-        while k > 0 and not _within(twin, limits):
+        while k > 0 and not within_limits(twin, limits):
             prune(twin, target, idxs=[width + k - 1])
             k -= 1
         fitted.append((target, k))
@@ -80,13 +81,13 @@ def fit_pruning(
         return [(t, min(int(share * w), w - min_width)) for t, w in widths.items()]
 
     def fits(share: float) -> bool:
-        twin = _copy(state.model)
+        twin = trial_copy(state.model)
         for target, k in plan(share):
             if k > 0:
                 prune(twin, target, idxs=list(range(widths[target] - k, widths[target])))
-        return _within(twin, limits)
+        return within_limits(twin, limits)
 
-    if _within(state.model, limits):
+    if within_limits(state.model, limits):
         return [], True
     if not fits(1.0):
         return plan(1.0), False

@@ -42,6 +42,7 @@ from dynarch.surgery.plan import check_forward, eval_output
 from dynarch.surgery.record import MutationRecord
 
 KINDS = ("conv", "residual")
+_GRAPH = "_dynarch_forward_graph"  # a re-generated parent's fx graph, kept for the next insertion
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
 
 
@@ -72,6 +73,7 @@ def deepen(
     new = _new_layer(kind, channels, kernel_size, norm, activation).to(
         device=reference.device, dtype=reference.dtype
     )
+    new.train(module.training)  # a model in eval mode stays in eval mode
     if kind == "conv" and norm and data is not None:
         _pass_through(new.bn, _input_statistics(model, module, data, reduce_sum))
     parent = model.get_submodule(parent_name)
@@ -236,17 +238,27 @@ def _insert(parent: nn.Module, leaf: str, name: str, new: nn.Module) -> None:
         call = graph.call_module(name, (node,))
     node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
     graph.lint()
-    generated = torch.fx.GraphModule(parent, graph)
+    generated = torch.fx.GraphModule(parent, _copied(graph))
     parent.forward = types.MethodType(type(generated).forward, parent)
+    parent.__dict__[_GRAPH] = graph  # the next insertion starts from it
+
+
+def _copied(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def _traced(parent: nn.Module, leaf: str) -> torch.fx.Graph:
-    """``parent``'s forward as an fx graph in which ``leaf`` is one call."""
-    child = parent.get_submodule(leaf)
+    """``parent``'s forward as an fx graph in which ``leaf`` is one call: the graph of an
+    earlier insertion (fx would trace the class's forward, without it), else a new trace."""
+    if _GRAPH in parent.__dict__:
+        return _one_call(_copied(parent.__dict__[_GRAPH]), parent, leaf)
 
     class Tracer(torch.fx.Tracer):
+        # every direct child is one call: their own forwards (re-generated or not) stay theirs
         def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-            return m is child or super().is_leaf_module(m, qualified_name)
+            return "." not in qualified_name or super().is_leaf_module(m, qualified_name)
 
     try:
         graph = Tracer().trace(parent)
@@ -256,6 +268,10 @@ def _traced(parent: nn.Module, leaf: str) -> torch.fx.Graph:
             f"cannot insert after {leaf!r}: its parent {type(parent).__name__}'s forward cannot "
             f"be traced by torch.fx ({first})"
         ) from None
+    return _one_call(graph, parent, leaf)
+
+
+def _one_call(graph: torch.fx.Graph, parent: nn.Module, leaf: str) -> torch.fx.Graph:
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == leaf]
     if len(calls) != 1:
         raise UnsupportedOpError(
@@ -290,17 +306,18 @@ def _restored_on_error(
     parent: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> Iterator[None]:
     modules = OrderedDict(parent._modules)
-    forward = parent.__dict__.get("forward")
+    forward, graph = parent.__dict__.get("forward"), parent.__dict__.get(_GRAPH)
     params = [list(g["params"]) for g in optimizer.param_groups] if optimizer else []
     try:
         yield
     except BaseException:
         parent._modules.clear()
         parent._modules.update(modules)
-        if forward is None:
-            parent.__dict__.pop("forward", None)
-        else:
-            parent.forward = forward
+        for key, value in (("forward", forward), (_GRAPH, graph)):
+            if value is None:
+                parent.__dict__.pop(key, None)
+            else:
+                parent.__dict__[key] = value
         for group, saved in zip(optimizer.param_groups if optimizer else [], params, strict=True):
             group["params"] = saved
         raise

@@ -1,0 +1,78 @@
+"""Depth as a policy: insert a layer when the trigger fires, at the next of a list of places.
+
+``Deepen(when=EveryNSteps(200), after=["layer1.0", "layer2.0", "layer3.0"], kind="residual",
+max_params=100_000)``: every 200 steps one residual block, after each stage's last block in
+turn, never past the budget (tried on a copy, exact, as for growth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dynarch.errors import close_matches
+from dynarch.policies.base import Mutation, PolicyError, TrainState
+from dynarch.policies.budget import COUNTERS, trial_copy, within_limits
+from dynarch.surgery.deepen import KINDS, deepen
+
+
+class Deepen:
+    """One new ``kind`` layer per trigger, after ``after[i]`` for i = 0, 1, ... round robin (a
+    place deepened again gets its new layer right after it, before the earlier ones); skipped
+    (the turn kept) while the model after it would exceed ``max_params``/``max_macs``."""
+
+    def __init__(
+        self,
+        when: Any,
+        after: Sequence[str],
+        kind: str = "residual",
+        max_params: int | None = None,
+        max_macs: int | None = None,
+    ) -> None:
+        if isinstance(after, str) or not after or not all(isinstance(a, str) for a in after):
+            raise PolicyError(f"after must be a non-empty list of module names, got {after!r}")
+        if kind not in KINDS:
+            raise PolicyError(
+                f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}"
+                + close_matches(str(kind), KINDS)
+            )
+        limits = {"params": max_params, "macs": max_macs}
+        for what, limit in limits.items():
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+                raise PolicyError(f"max_{what} must be an integer, got {limit!r}")
+        self.when, self.after, self.kind = when, list(after), kind
+        self.limits = {what: limit for what, limit in limits.items() if limit is not None}
+        self.turn = 0
+
+    def check(self, state: TrainState) -> None:
+        modules = {name for name, _ in state.model.named_modules()}
+        for name in self.after:
+            if name not in modules:
+                raise PolicyError(f"after: no module named {name!r}" + close_matches(name, modules))
+        for what, limit in self.limits.items():
+            now = COUNTERS[what](state.model)
+            if limit < now:
+                raise PolicyError(f"max_{what} {limit} is below the model's {now} {what}")
+
+    def decide(self, state: TrainState) -> list[Mutation]:
+        fire, reason = self.when.should_act(state)
+        if not fire:
+            return []
+        place = self.after[self.turn % len(self.after)]
+        if self.limits:
+            twin = trial_copy(state.model)
+            deepen(twin, place, self.kind)
+            if not within_limits(twin, self.limits):
+                return []
+        self.turn += 1
+        why = "; ".join(p for p in (reason, f"place {self.turn} of {len(self.after)}") if p)
+        return [Mutation("deepen", place, kind=self.kind, reason=why)]
+
+    def state_dict(self) -> dict[str, Any]:
+        when = self.when.state_dict() if hasattr(self.when, "state_dict") else {}
+        return {"turn": self.turn, "when": when}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.turn = int(state["turn"])
+        if hasattr(self.when, "load_state_dict"):
+            self.when.load_state_dict(state["when"])
