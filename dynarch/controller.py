@@ -145,7 +145,14 @@ def apply_mutation(
         )
     if m.op == "deepen":
         return deepen(
-            model, m.target, m.kind, optimizer=optimizer, data=batch, reduce_sum=reduce_sum
+            model,
+            m.target,
+            m.kind,
+            optimizer=optimizer,
+            data=batch,
+            loss_fn=loss_fn,
+            init=m.init,
+            reduce_sum=reduce_sum,
         )
     if m.op == "prune":
         return prune(

@@ -98,24 +98,35 @@ class BasicBlock(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + f(x), f = conv-BN-ReLU-conv-BN at the input's width and resolution: what depth
-    growth inserts. ``zero_last`` zeroes the last BatchNorm's gamma and beta, so f(x) = 0 in
-    train and eval mode and the block starts as the identity."""
+    """x + f(x), f = conv-BN-ReLU-conv(-BN) at the input's width and resolution: what depth
+    growth inserts. ``zero_last`` makes f(x) = 0 in train and eval mode: the last BatchNorm's
+    gamma and beta are zero, or without one (``last_norm=False``) the last conv's weights.
+    ``inner`` is the width between the convs (default ``channels``)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, zero_last: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        zero_last: bool = False,
+        inner: int | None = None,
+        last_norm: bool = True,
+    ) -> None:
         super().__init__()
-        padding = kernel_size // 2
-        self.conv1 = nn.Conv2d(channels, channels, kernel_size, padding=padding, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        padding, inner = kernel_size // 2, inner or channels
+        self.conv1 = nn.Conv2d(channels, inner, kernel_size, padding=padding, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
         self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=padding, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        if zero_last:
+        self.conv2 = nn.Conv2d(inner, channels, kernel_size, padding=padding, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels) if last_norm else None
+        if zero_last and self.bn2 is not None:
             nn.init.zeros_(self.bn2.weight)
             nn.init.zeros_(self.bn2.bias)
+        elif zero_last:
+            nn.init.zeros_(self.conv2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+        return x + (self.bn2(out) if self.bn2 is not None else out)
 
 
 class ResNetSmall(nn.Module):

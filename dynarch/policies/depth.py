@@ -13,7 +13,7 @@ from typing import Any
 from dynarch.errors import close_matches
 from dynarch.policies.base import Mutation, PolicyError, TrainState
 from dynarch.policies.budget import COUNTERS, trial_copy, within_limits
-from dynarch.surgery.deepen import KINDS, deepen
+from dynarch.surgery.deepen import INITS, KINDS, deepen
 
 
 class Deepen:
@@ -26,6 +26,7 @@ class Deepen:
         when: Any,
         after: Sequence[str],
         kind: str = "residual",
+        init: str = "random",
         max_params: int | None = None,
         max_macs: int | None = None,
     ) -> None:
@@ -36,11 +37,13 @@ class Deepen:
                 f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}"
                 + close_matches(str(kind), KINDS)
             )
+        if init not in INITS or (init == "gradmax" and kind != "residual"):
+            raise PolicyError(f"init {init!r} for kind {kind!r}; known: {', '.join(INITS)}")
         limits = {"params": max_params, "macs": max_macs}
         for what, limit in limits.items():
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
                 raise PolicyError(f"max_{what} must be an integer, got {limit!r}")
-        self.when, self.after, self.kind = when, list(after), kind
+        self.when, self.after, self.kind, self.init = when, list(after), kind, init
         self.limits = {what: limit for what, limit in limits.items() if limit is not None}
         self.turn = 0
 
@@ -61,12 +64,12 @@ class Deepen:
         place = self.after[self.turn % len(self.after)]
         if self.limits:
             twin = trial_copy(state.model)
-            deepen(twin, place, self.kind)
+            deepen(twin, place, self.kind, norm=self.init != "gradmax")  # the same shapes
             if not within_limits(twin, self.limits):
                 return []
         self.turn += 1
         why = "; ".join(p for p in (reason, f"place {self.turn} of {len(self.after)}") if p)
-        return [Mutation("deepen", place, kind=self.kind, reason=why)]
+        return [Mutation("deepen", place, kind=self.kind, init=self.init, reason=why)]
 
     def state_dict(self) -> dict[str, Any]:
         when = self.when.state_dict() if hasattr(self.when, "state_dict") else {}

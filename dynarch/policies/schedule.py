@@ -10,6 +10,7 @@ from typing import Any
 from dynarch.errors import DynarchError, close_matches
 from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
+from dynarch.surgery.deepen import INITS as DEEPEN_INITS
 from dynarch.surgery.deepen import KINDS as DEEPEN_KINDS
 from dynarch.surgery.prune import check_importance
 
@@ -17,7 +18,7 @@ OPS = ("grow", "prune", "deepen")
 _ENTRY_KEYS = {
     "grow": {"epoch", "step", "op", "target", "k", "init", "init_options"},
     "prune": {"epoch", "step", "op", "target", "k", "importance"},
-    "deepen": {"epoch", "step", "op", "after", "kind"},
+    "deepen": {"epoch", "step", "op", "after", "kind", "init"},
 }
 
 
@@ -167,7 +168,7 @@ def _parse(entries: Any) -> list[_Entry]:
 def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
     """The entry's mutation, its names and values checked (initializer options included)."""
     if op == "deepen":
-        after, kind = entry.get("after"), entry.get("kind", "conv")
+        after, kind, init = entry.get("after"), entry.get("kind", "conv"), entry.get("init")
         if not isinstance(after, str) or not after:
             raise ScheduleError(f"{where}: after must be a module name, got {after!r}")
         if kind not in DEEPEN_KINDS:
@@ -175,7 +176,12 @@ def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
                 f"{where}: unknown deepen kind {kind!r}; known: {', '.join(DEEPEN_KINDS)}"
                 + close_matches(str(kind), DEEPEN_KINDS)
             )
-        return Mutation(op="deepen", target=after, kind=kind)
+        if init not in (None, *DEEPEN_INITS) or (init == "gradmax" and kind != "residual"):
+            raise ScheduleError(
+                f"{where}: init {init!r} for a deepen of kind {kind!r}; known: "
+                f"{', '.join(DEEPEN_INITS)} (gradmax: residual only)"
+            )
+        return Mutation(op="deepen", target=after, kind=kind, init=init or "random")
     missing = sorted({"target", "k"} - set(entry))
     if missing:
         raise ScheduleError(f"{where}: missing {', '.join(missing)}")

@@ -8,7 +8,10 @@ Kinds:
   other batches train-mode BatchNorm normalises with their own statistics, which no fixed
   values undo); ``norm=False`` leaves the BatchNorm out and keeps train mode exact.
 - ``residual``: ``x + f(x)`` with f = conv-BN-ReLU-conv-BN whose last BatchNorm gamma and beta
-  are zero: f(x) = 0 exactly, in train and eval mode; gamma then learns.
+  are zero: f(x) = 0 exactly, in train and eval mode; gamma then learns. ``init="gradmax"``
+  instead zeroes the last conv (no last BatchNorm) and chooses the first conv's rows so that
+  the zero conv's gradient is largest: GradMax's zero fan-out problem with the block's output
+  gradient, solved by ``gradmax_fanin`` (docs/gradmax.md, "Residual blocks").
 
 Names of existing modules never change: inside an ``nn.Sequential`` the new module is inserted
 in order under a new key (``relu2_deep0``); elsewhere it becomes a child of ``after``'s parent
@@ -38,10 +41,13 @@ from dynarch.errors import (
 from dynarch.graph import remember_example_inputs
 from dynarch.models import ResidualBlock, count_params
 from dynarch.probes import buffers_restored, modes_restored
+from dynarch.surgery.grow import grow
 from dynarch.surgery.plan import check_forward, eval_output
+from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
 
 KINDS = ("conv", "residual")
+INITS = ("random", "gradmax")  # of a residual block's inner weights
 _GRAPH = "_dynarch_forward_graph"  # a re-generated parent's fx graph, kept for the next insertion
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
 
@@ -53,24 +59,28 @@ def deepen(
     optimizer: torch.optim.Optimizer | None = None,
     example_inputs: Any = None,
     data: Any = None,
+    loss_fn: Callable | None = None,
+    init: str = "random",
     kernel_size: int = 3,
     norm: bool = True,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MutationRecord:
     """Insert a new ``kind`` layer right after module ``after`` (its output feeds the new layer,
-    whose output goes wherever ``after``'s went). On any error nothing is changed.
-    ``reduce_sum`` sums the BatchNorm's input statistics over the processes of a run."""
+    whose output goes wherever ``after``'s went). On any error nothing is changed. ``norm``:
+    the conv unit's BatchNorm, or the residual block's last one (``init="gradmax"`` has none;
+    it needs ``data`` and ``loss_fn``). ``reduce_sum`` sums statistics over processes."""
     start = time.perf_counter()
-    if kind not in KINDS:
-        raise InvalidMutationError(f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise InvalidMutationError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    _check_arguments(kind, init, kernel_size, data, loss_fn)
+    norm = norm and init != "gradmax"
+    if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
+        example_inputs = data[0]  # as grow and prune do
     example = remember_example_inputs(model, example_inputs)
     parent_name, leaf, module = _resolve(model, after)
     channels = _feature_map_channels(model, module, after, example)
     activation = kind == "conv" and _ends_non_negative(module)
     reference = next(model.parameters())
-    new = _new_layer(kind, channels, kernel_size, norm, activation).to(
+    inner = 1 if init == "gradmax" else channels  # grown to `channels` by gradmax_fanin below
+    new = _new_layer(kind, channels, kernel_size, norm, activation, inner).to(
         device=reference.device, dtype=reference.dtype
     )
     new.train(module.training)  # a model in eval mode stays in eval mode
@@ -83,8 +93,12 @@ def deepen(
     with _restored_on_error(parent, optimizer):
         _insert(parent, leaf, name, new)
         _add_to_optimizer(optimizer, model, module, new)
+        full = f"{parent_name}.{name}" if parent_name else name
+        grown = {}
+        if init == "gradmax":
+            conv1 = f"{full}.conv1"
+            grown = _gradmax_inner(model, conv1, channels, data, loss_fn, optimizer, reduce_sum)
         after_output = check_forward(model, f"deepening after {after!r}")
-    full = f"{parent_name}.{name}" if parent_name else name
     return MutationRecord(
         kind="deepen",
         target=after,
@@ -102,10 +116,54 @@ def deepen(
             "inserted": full,
             "kernel_size": kernel_size,
             "norm": norm,
+            "init": init,
             "activation": activation,
+            **grown,
             "output_change": _change(before, after_output),
         },
     )
+
+
+def _check_arguments(
+    kind: str, init: str, kernel_size: int, data: Any, loss_fn: Callable | None
+) -> None:
+    if kind not in KINDS:
+        raise InvalidMutationError(f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}")
+    if init not in INITS or (init == "gradmax" and kind != "residual"):
+        raise InvalidMutationError(
+            f"init {init!r} for a deepen of kind {kind!r}: use 'random'"
+            + (" or 'gradmax' (residual only)" if kind == "residual" else "")
+        )
+    if init == "gradmax" and (data is None or loss_fn is None):
+        raise InvalidMutationError("init 'gradmax' needs data=(x, y) and loss_fn")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise InvalidMutationError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+
+
+def _gradmax_inner(
+    model: nn.Module,
+    conv1: str,
+    channels: int,
+    data: Any,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer | None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The block was inserted with one placeholder inner channel and a zero last conv: grow
+    ``channels`` rows chosen by ``gradmax_fanin`` (their fan-out, the zero conv's columns, gets
+    the largest gradient), then prune the placeholder. The function never changes."""
+    record = grow(
+        model,
+        conv1,
+        channels,
+        init="gradmax_fanin",
+        data=data,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        reduce_sum=reduce_sum,
+    )
+    prune(model, conv1, idxs=[0], optimizer=optimizer)
+    return {key: record.info.get(key) for key in ("fan_out_grad_norm", "bn_gamma")}
 
 
 def _resolve(model: nn.Module, after: str) -> tuple[str, str, nn.Module]:
@@ -191,10 +249,10 @@ def _ends_non_negative(module: nn.Module) -> bool:
 
 
 def _new_layer(
-    kind: str, channels: int, kernel_size: int, norm: bool, activation: bool
+    kind: str, channels: int, kernel_size: int, norm: bool, activation: bool, inner: int
 ) -> nn.Module:
     if kind == "residual":
-        return ResidualBlock(channels, kernel_size=kernel_size, zero_last=True)
+        return ResidualBlock(channels, kernel_size, zero_last=True, inner=inner, last_norm=norm)
     conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=not norm)
     with torch.no_grad():
         conv.weight.zero_()
