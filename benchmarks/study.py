@@ -83,6 +83,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         ["policy=study/grow_then_prune", "policy.policies.0.init=zeros"],
     ),
     "cycles zeros": ("grow+prune", ["policy=study/cycles", "policy.phases.0.policy.init=zeros"]),
+    # width vs depth: "zeros" is width only; residual blocks on the same steps instead of / as
+    # well as the width growth (docs/study.md)
+    "depth": ("width vs depth", ["policy=study/deepen_all"]),
+    "depth gradmax": ("width vs depth", ["policy=study/deepen_all", "policy.init=gradmax"]),
+    "width and depth": ("width vs depth", ["policy=study/widen_deepen"]),
 }
 
 
@@ -277,9 +282,10 @@ def _spread_labels(rows: list[dict], key: str) -> list[float]:
 
 # one colour per question in the end-point plot; the curves tell arms apart by colour instead
 COLOURS = {"baseline": "black", "how": "tab:blue", "when": "tab:orange"}
-COLOURS |= {"where": "tab:green", "grow+prune": "tab:red"}
+COLOURS |= {"where": "tab:green", "grow+prune": "tab:red", "width vs depth": "tab:purple"}
 # ... and questions by line style
 STYLES = {"baseline": "--", "how": "-", "when": "-.", "where": ":", "grow+prune": (0, (5, 1, 1, 1))}
+STYLES["width vs depth"] = (0, (3, 1))
 
 
 def _figure(**kwargs: Any) -> Figure:

@@ -78,12 +78,9 @@ def deepen(
     parent_name, leaf, module = _resolve(model, after)
     channels = _feature_map_channels(model, module, after, example)
     activation = kind == "conv" and _ends_non_negative(module)
-    reference = next(model.parameters())
     inner = 1 if init == "gradmax" else channels  # grown to `channels` by gradmax_fanin below
-    new = _new_layer(kind, channels, kernel_size, norm, activation, inner).to(
-        device=reference.device, dtype=reference.dtype
-    )
-    new.train(module.training)  # a model in eval mode stays in eval mode
+    new = _new_layer(kind, channels, kernel_size, norm, activation, inner)
+    _place_like(new, model, module)
     if kind == "conv" and norm and data is not None:
         _pass_through(new.bn, _input_statistics(model, module, data, reduce_sum))
     parent = model.get_submodule(parent_name)
@@ -269,6 +266,13 @@ def _new_layer(
     if activation:
         layers["relu"] = nn.ReLU()
     return nn.Sequential(layers)
+
+
+def _place_like(new: nn.Module, model: nn.Module, neighbour: nn.Module) -> None:
+    """The model's device and dtype, and ``neighbour``'s train/eval mode."""
+    reference = next(model.parameters())
+    new.to(device=reference.device, dtype=reference.dtype)
+    new.train(neighbour.training)  # a model in eval mode stays in eval mode
 
 
 def _free_name(parent: nn.Module, leaf: str) -> str:
