@@ -126,15 +126,17 @@ def test_slurm_launcher_config_composes() -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_processes_agree_on_data_driven_inits(tmp_path: Path) -> None:
-    """gradmax_fanin_opt (ascent through a grown copy) and tiny (line search) run under
-    torchrun, on the gradient and losses summed over both processes' batches, and the grown
-    net is the same on both processes."""
+    """gradmax_fanin_opt (ascent through a grown copy), tiny (line search) and deepens (the
+    pass-through BatchNorm's statistics, a GradMax residual block) run under torchrun, on the
+    statistics summed over both processes' batches, and the net is the same on both."""
     config = [
         "data=teacher_student",
         "trainer.epochs=1",
         "policy.mutations=["
         "{step:3,op:grow,target:features.conv2,k:3,init:gradmax_fanin_opt},"
+        "{step:4,op:deepen,after:features.relu2,kind:conv},"
         "{step:5,op:grow,target:features.conv3,k:3,init:tiny},"
+        "{step:6,op:deepen,after:features.relu4,kind:residual,init:gradmax},"
         "{step:7,op:grow,target:classifier.fc1,k:4,init:tiny}]",
     ]
     result = torchrun(tmp_path, "run", *config)
@@ -142,4 +144,4 @@ def test_two_processes_agree_on_data_driven_inits(tmp_path: Path) -> None:
     assert "parameters identical on all 2 processes" in result.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     methods = [e["method"] for e in HistoryReader(run_dir / "history.db").events()]
-    assert methods == ["gradmax_fanin_opt", "tiny", "tiny"]
+    assert methods == ["gradmax_fanin_opt", "conv", "tiny", "residual", "tiny"]
