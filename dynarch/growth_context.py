@@ -97,6 +97,10 @@ class NewChannels:
     new_values: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     existing: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
+    def zero_fan_out(self) -> bool:
+        """Nobody reads the new channels yet (their fan-out gradient is what matters)."""
+        return bool(self.fan_out) and not any(t.any() for t in self.fan_out.values())
+
 
 Initializer = Callable[[GrowthContext], NewChannels]
 

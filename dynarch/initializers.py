@@ -111,6 +111,6 @@ def new_channels(ctx: GrowthContext, init: Initializer) -> NewChannels:
     back, so that is 0 without a statistics pass."""
     new = init(ctx)
     if ctx.data is not None and ctx.loss_fn is not None and "fan_in_grad_norm" not in new.info:
-        zero_fan_out = bool(new.fan_out) and not any(t.any() for t in new.fan_out.values())
-        new.info["fan_in_grad_norm"] = 0.0 if zero_fan_out else fan_in_gradient_norm(ctx, new)
+        zero = new.zero_fan_out()
+        new.info["fan_in_grad_norm"] = 0.0 if zero else fan_in_gradient_norm(ctx, new)
     return new

@@ -89,6 +89,14 @@ class LayerKind:
         return _per_channel_width(module)
 
 
+def _weighted_tensors(module: nn.Module, role: str) -> list[ChannelTensor]:
+    """A conv/linear's rows (and bias) for its output channels, its columns for its inputs."""
+    if role == CONSUMER:
+        return [ChannelTensor("weight", 1)]
+    bias = [ChannelTensor("bias", 0)] if module.bias is not None else []
+    return [ChannelTensor("weight", 0), *bias]
+
+
 class ChannelwiseKind(LayerKind):
     """A layer with one entry per channel in each of ``tensors`` (dimension 0)."""
 
@@ -142,10 +150,7 @@ class ConvKind(LayerKind):
         return None
 
     def channel_tensors(self, module: nn.Module, role: str) -> list[ChannelTensor]:
-        if role == CONSUMER:
-            return [ChannelTensor("weight", 1)]
-        bias = [ChannelTensor("bias", 0)] if module.bias is not None else []
-        return [ChannelTensor("weight", 0), *bias]
+        return _weighted_tensors(module, role)
 
     def sync_sizes(self, module: nn.Module) -> None:
         module.out_channels = module.weight.shape[0]
@@ -181,7 +186,7 @@ class DepthwiseConvKind(ConvKind):
         return None
 
     def channel_tensors(self, module: nn.Module, role: str) -> list[ChannelTensor]:
-        return ConvKind.channel_tensors(self, module, PRODUCER)
+        return _weighted_tensors(module, PRODUCER)  # one filter (and bias) per channel
 
     def neutral(self, module: nn.Module, attr: str, count: int) -> torch.Tensor:
         old = getattr(module, attr)
@@ -205,7 +210,7 @@ class LinearKind(LayerKind):
     size_attrs = ("in_features", "out_features")
 
     def channel_tensors(self, module: nn.Module, role: str) -> list[ChannelTensor]:
-        return ConvKind.channel_tensors(self, module, role)
+        return _weighted_tensors(module, role)
 
     def sync_sizes(self, module: nn.Module) -> None:
         module.out_features, module.in_features = module.weight.shape

@@ -57,15 +57,19 @@ def assert_graph_matches_modules(model) -> None:
             assert attrs["out_channels"] == model.get_submodule(name).weight.shape[0]
 
 
+def reproducible(examples: int) -> settings:
+    """Derandomized so CI is reproducible; no shrinking, so a failure is reported in seconds."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+        phases=[Phase.explicit, Phase.generate],
+    )
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
-# Derandomized so CI is reproducible; no shrinking, so a failure is reported in seconds.
-@settings(
-    max_examples=4,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.generate],
-)
+@reproducible(examples=4)
 @given(mutations=MUTATIONS)
 def test_random_mutation_sequences(arch: str, mutations) -> None:
     torch.manual_seed(0)
@@ -111,13 +115,7 @@ DEPTH_MUTATIONS = st.lists(
 )
 
 
-@settings(
-    max_examples=2,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.generate],
-)
+@reproducible(examples=2)
 @given(mutations=DEPTH_MUTATIONS)
 def test_random_sequences_mixing_depth_width_and_pruning(mutations) -> None:
     """Deepen (conv or residual, anywhere in a ResNet), grow and prune in any order: every

@@ -16,7 +16,7 @@ from torch import nn
 
 from dynarch.graph import remember_example_inputs
 from dynarch.models import count_params
-from dynarch.policies.base import TrainState, count_macs
+from dynarch.policies.base import PolicyError, TrainState, check_positive, count_macs
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 
@@ -32,6 +32,24 @@ def trial_copy(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     remember_example_inputs(twin, remember_example_inputs(model, None))
     return twin
+
+
+def limits_from(**given: int | None) -> dict[str, int]:
+    """``max_params=…, max_macs=…`` as ``{"params": …, "macs": …}``, checked positive."""
+    limits = {}
+    for name, value in given.items():
+        check_positive(name, value, allow_none=True)
+        if value is not None:
+            limits[name.split("_", 1)[1]] = value
+    return limits
+
+
+def check_limits(state: TrainState, limits: dict[str, int], prefix: str) -> None:
+    """A budget below the model's size now cannot work: one line, before training."""
+    for what, limit in limits.items():
+        now = COUNTERS[what](state.model)
+        if limit < now:
+            raise PolicyError(f"{prefix}_{what} {limit} is below the model's {now} {what}")
 
 
 def within_limits(model: nn.Module, limits: dict[str, int]) -> bool:

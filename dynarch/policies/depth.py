@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dynarch.errors import close_matches
+from dynarch.errors import DynarchError, close_matches
 from dynarch.policies.base import Mutation, PolicyError, TrainState
-from dynarch.policies.budget import COUNTERS, trial_copy, within_limits
-from dynarch.surgery.deepen import INITS, KINDS, deepen
+from dynarch.policies.budget import check_limits, limits_from, trial_copy, within_limits
+from dynarch.surgery.deepen import check_choice, deepen
 
 
 class Deepen:
@@ -32,19 +32,12 @@ class Deepen:
     ) -> None:
         if isinstance(after, str) or not after or not all(isinstance(a, str) for a in after):
             raise PolicyError(f"after must be a non-empty list of module names, got {after!r}")
-        if kind not in KINDS:
-            raise PolicyError(
-                f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}"
-                + close_matches(str(kind), KINDS)
-            )
-        if init not in INITS or (init == "gradmax" and kind != "residual"):
-            raise PolicyError(f"init {init!r} for kind {kind!r}; known: {', '.join(INITS)}")
-        limits = {"params": max_params, "macs": max_macs}
-        for what, limit in limits.items():
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-                raise PolicyError(f"max_{what} must be an integer, got {limit!r}")
+        try:
+            check_choice(kind, init)
+        except DynarchError as exc:
+            raise PolicyError(str(exc)) from None
         self.when, self.after, self.kind, self.init = when, list(after), kind, init
-        self.limits = {what: limit for what, limit in limits.items() if limit is not None}
+        self.limits = limits_from(max_params=max_params, max_macs=max_macs)
         self.turn = 0
 
     def check(self, state: TrainState) -> None:
@@ -52,10 +45,7 @@ class Deepen:
         for name in self.after:
             if name not in modules:
                 raise PolicyError(f"after: no module named {name!r}" + close_matches(name, modules))
-        for what, limit in self.limits.items():
-            now = COUNTERS[what](state.model)
-            if limit < now:
-                raise PolicyError(f"max_{what} {limit} is below the model's {now} {what}")
+        check_limits(state, self.limits, "max")
 
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)

@@ -19,25 +19,8 @@ from dynarch.policies.base import (
     check_fraction,
     check_positive,
 )
-from dynarch.policies.budget import COUNTERS, fit_growth, fit_pruning
+from dynarch.policies.budget import check_limits, fit_growth, fit_pruning, limits_from
 from dynarch.surgery.prune import check_importance
-
-
-def _limits(**given: int | None) -> dict[str, int]:
-    """``max_params=…, max_macs=…`` as ``{"params": …, "macs": …}``, checked positive."""
-    limits = {}
-    for name, value in given.items():
-        check_positive(name, value, allow_none=True)
-        if value is not None:
-            limits[name.split("_", 1)[1]] = value
-    return limits
-
-
-def _check_limits(state: TrainState, limits: dict[str, int], prefix: str) -> None:
-    for what, limit in limits.items():
-        now = COUNTERS[what](state.model)
-        if limit < now:
-            raise PolicyError(f"{prefix}_{what} {limit} is below the model's {now} {what}")
 
 
 class Grow:
@@ -62,7 +45,7 @@ class Grow:
     ) -> None:
         self.amount = amount_from(k, fraction_of_initial, fraction_of_current, amount)
         check_positive("max_width", max_width, allow_none=True)
-        self.limits = _limits(max_params=max_params, max_macs=max_macs)
+        self.limits = limits_from(max_params=max_params, max_macs=max_macs)
         self.when, self.where, self.max_width = when, where, max_width
         try:  # a misspelt init or option fails here, not at the first growth mid-run
             check_initializer(init, init_options)
@@ -71,7 +54,7 @@ class Grow:
         self.init, self.init_options = init, dict(init_options or {})
 
     def check(self, state: TrainState) -> None:
-        _check_limits(state, self.limits, "max")
+        check_limits(state, self.limits, "max")
 
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)
@@ -133,7 +116,7 @@ class Prune:
             )
         check_positive("k", k, allow_none=True)
         check_fraction("ratio", ratio, allow_none=True, below_one=True)
-        self.limits = _limits(to_params=to_params, to_macs=to_macs)
+        self.limits = limits_from(to_params=to_params, to_macs=to_macs)
         check_positive("min_width", min_width)
         try:
             check_importance(importance)

@@ -10,8 +10,7 @@ from typing import Any
 from dynarch.errors import DynarchError, close_matches
 from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
-from dynarch.surgery.deepen import INITS as DEEPEN_INITS
-from dynarch.surgery.deepen import KINDS as DEEPEN_KINDS
+from dynarch.surgery.deepen import check_choice, inserted_name
 from dynarch.surgery.prune import check_importance
 
 OPS = ("grow", "prune", "deepen")
@@ -101,10 +100,7 @@ def _check_deepen(where: str, m: Mutation, modules: set[str], inserted: list[str
             f"{where}: no module named {m.target!r} to deepen after"
             + close_matches(m.target, known)
         )
-    index = 0
-    while f"{m.target}_deep{index}" in known:
-        index += 1
-    return f"{m.target}_deep{index}"
+    return inserted_name(m.target, known)
 
 
 def _check_width(where: str, m: Mutation, graph: Any, widths: dict[str, int]) -> None:
@@ -168,20 +164,18 @@ def _parse(entries: Any) -> list[_Entry]:
 def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
     """The entry's mutation, its names and values checked (initializer options included)."""
     if op == "deepen":
-        after, kind, init = entry.get("after"), entry.get("kind", "conv"), entry.get("init")
+        after, kind, init = (
+            entry.get("after"),
+            entry.get("kind", "conv"),
+            entry.get("init", "random"),
+        )
         if not isinstance(after, str) or not after:
             raise ScheduleError(f"{where}: after must be a module name, got {after!r}")
-        if kind not in DEEPEN_KINDS:
-            raise ScheduleError(
-                f"{where}: unknown deepen kind {kind!r}; known: {', '.join(DEEPEN_KINDS)}"
-                + close_matches(str(kind), DEEPEN_KINDS)
-            )
-        if init not in (None, *DEEPEN_INITS) or (init == "gradmax" and kind != "residual"):
-            raise ScheduleError(
-                f"{where}: init {init!r} for a deepen of kind {kind!r}; known: "
-                f"{', '.join(DEEPEN_INITS)} (gradmax: residual only)"
-            )
-        return Mutation(op="deepen", target=after, kind=kind, init=init or "random")
+        try:
+            check_choice(str(kind), str(init))
+        except DynarchError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
+        return Mutation(op="deepen", target=after, kind=kind, init=init)
     missing = sorted({"target", "k"} - set(entry))
     if missing:
         raise ScheduleError(f"{where}: missing {', '.join(missing)}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,8 +41,9 @@ from dynarch.errors import (
 from dynarch.graph import remember_example_inputs
 from dynarch.models import ResidualBlock, count_params
 from dynarch.probes import buffers_restored, modes_restored
+from dynarch.surgery.edits import all_or_nothing
 from dynarch.surgery.grow import grow
-from dynarch.surgery.plan import check_forward, eval_output
+from dynarch.surgery.plan import check_forward, eval_output, example_or_batch
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
 
@@ -72,9 +73,7 @@ def deepen(
     start = time.perf_counter()
     _check_arguments(kind, init, kernel_size, data, loss_fn)
     norm = norm and init != "gradmax"
-    if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
-        example_inputs = data[0]  # as grow and prune do
-    example = remember_example_inputs(model, example_inputs)
+    example = remember_example_inputs(model, example_or_batch(example_inputs, data))
     parent_name, leaf, module = _resolve(model, after)
     channels = _feature_map_channels(model, module, after, example)
     activation = kind == "conv" and _ends_non_negative(module)
@@ -84,13 +83,13 @@ def deepen(
     if kind == "conv" and norm and data is not None:
         _pass_through(new.bn, _input_statistics(model, module, data, reduce_sum))
     parent = model.get_submodule(parent_name)
-    name = _free_name(parent, leaf)
+    full = inserted_name(after, {n for n, _ in model.named_modules()})
+    name = full.rpartition(".")[2]
     params_before = count_params(model)
     before = eval_output(model)
     with _restored_on_error(parent, optimizer):
         _insert(parent, leaf, name, new)
         _add_to_optimizer(optimizer, model, module, new)
-        full = f"{parent_name}.{name}" if parent_name else name
         grown = {}
         if init == "gradmax":
             conv1 = f"{full}.conv1"
@@ -121,16 +120,24 @@ def deepen(
     )
 
 
-def _check_arguments(
-    kind: str, init: str, kernel_size: int, data: Any, loss_fn: Callable | None
-) -> None:
+def check_choice(kind: str, init: str = "random") -> None:
+    """A known kind, and an init that kind takes (``gradmax``: residual blocks only); what
+    schedules and policies call when they are built."""
     if kind not in KINDS:
-        raise InvalidMutationError(f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}")
+        raise InvalidMutationError(
+            f"unknown deepen kind {kind!r}; known: {', '.join(KINDS)}" + close_matches(kind, KINDS)
+        )
     if init not in INITS or (init == "gradmax" and kind != "residual"):
         raise InvalidMutationError(
             f"init {init!r} for a deepen of kind {kind!r}: use 'random'"
             + (" or 'gradmax' (residual only)" if kind == "residual" else "")
         )
+
+
+def _check_arguments(
+    kind: str, init: str, kernel_size: int, data: Any, loss_fn: Callable | None
+) -> None:
+    check_choice(kind, init)
     if init == "gradmax" and (data is None or loss_fn is None):
         raise InvalidMutationError("init 'gradmax' needs data=(x, y) and loss_fn")
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -275,11 +282,13 @@ def _place_like(new: nn.Module, model: nn.Module, neighbour: nn.Module) -> None:
     new.train(neighbour.training)  # a model in eval mode stays in eval mode
 
 
-def _free_name(parent: nn.Module, leaf: str) -> str:
+def inserted_name(after: str, taken: Container[str]) -> str:
+    """The name a layer inserted after ``after`` gets: ``<after>_deep<i>``, the first free i
+    (a schedule predicts it to let later entries name the new layer)."""
     index = 0
-    while f"{leaf}_deep{index}" in parent._modules:
+    while f"{after}_deep{index}" in taken:
         index += 1
-    return f"{leaf}_deep{index}"
+    return f"{after}_deep{index}"
 
 
 def _insert(parent: nn.Module, leaf: str, name: str, new: nn.Module) -> None:
@@ -367,11 +376,13 @@ def _add_to_optimizer(
 def _restored_on_error(
     parent: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> Iterator[None]:
+    """``parent``'s children and forward as they were if the body raises; the optimizer (param
+    groups and state) through the surgery's own ``all_or_nothing``."""
     modules = OrderedDict(parent._modules)
     forward, graph = parent.__dict__.get("forward"), parent.__dict__.get(_GRAPH)
-    params = [list(g["params"]) for g in optimizer.param_groups] if optimizer else []
     try:
-        yield
+        with all_or_nothing([], optimizer):
+            yield
     except BaseException:
         parent._modules.clear()
         parent._modules.update(modules)
@@ -380,8 +391,6 @@ def _restored_on_error(
                 parent.__dict__.pop(key, None)
             else:
                 parent.__dict__[key] = value
-        for group, saved in zip(optimizer.param_groups if optimizer else [], params, strict=True):
-            group["params"] = saved
         raise
 
 

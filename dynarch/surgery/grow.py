@@ -87,7 +87,7 @@ def grow(
     if torch.is_tensor(before) and torch.is_tensor(after):
         # 0 for function-preserving inits; the eps fan-in of gradmax shows up here
         new.info["output_change"] = float((after - before).abs().max())
-    if data is not None and loss_fn is not None and _zero_fan_out(new):
+    if data is not None and loss_fn is not None and new.zero_fan_out():
         new.info["fan_out_grad_norm"] = new_fan_out_grad_norm(
             model, group, modules, k, data, loss_fn, options.max_samples
         )
@@ -119,10 +119,6 @@ def _grown_copy(model: nn.Module, target: str, k: int, new: NewChannels) -> nn.M
         example_inputs=remember_example_inputs(model, None),
     )
     return copy_of_model
-
-
-def _zero_fan_out(new: NewChannels) -> bool:
-    return bool(new.fan_out) and all(not t.any() for t in new.fan_out.values())
 
 
 def new_fan_out_grad_norm(

@@ -38,9 +38,7 @@ def resolve(
             f"{target!r} is a {type(module).__name__}; targets are conv or linear layers "
             "(not depthwise)"
         )
-    if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
-        example_inputs = data[0]
-    group, dg = trace_group(model, target, example_inputs)
+    group, dg = trace_group(model, target, example_or_batch(example_inputs, data))
     if group.unsupported:
         raise UnsupportedOpError(f"cannot change the channels of {target!r}: {group.unsupported}")
     if group.at_output:
@@ -48,6 +46,13 @@ def resolve(
             f"{target!r} produces the model's output; its width is fixed by the task"
         )
     return group, dg, {name: named[name] for name in group.member_modules()}
+
+
+def example_or_batch(example_inputs: Any, data: Any) -> Any:
+    """``example_inputs``, or the inputs of ``data=(x, y)`` when none are given."""
+    if example_inputs is None and isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):
+        return data[0]
+    return example_inputs
 
 
 def check_k(k: Any, what: str = "k") -> int:
