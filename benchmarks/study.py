@@ -88,6 +88,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "depth": ("width vs depth", ["policy=study/deepen_all"]),
     "depth gradmax": ("width vs depth", ["policy=study/deepen_all", "policy.init=gradmax"]),
     "width and depth": ("width vs depth", ["policy=study/widen_deepen"]),
+    # the same at the zeros arm's training FLOPs (the experiment config's depth_*, both_*)
+    "depth same flops": ("width vs depth", ["policy=study/deepen_matched"]),
+    "depth gradmax same flops": (
+        "width vs depth",
+        ["policy=study/deepen_matched", "policy.init=gradmax"],
+    ),
+    "width and depth same flops": ("width vs depth", ["policy=study/widen_deepen_matched"]),
 }
 
 
