@@ -29,7 +29,7 @@ from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import build_model, count_params
-from dynarch.policies.base import Mutation, Policy, TrainState
+from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
 from dynarch.run_state import RunState, read_checkpoint
 from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
@@ -187,6 +187,7 @@ class RunSetup:
     example: torch.Tensor  # one training sample to trace with
     initial_widths: dict[str, int]  # target -> width of its group at the start
     params_before: int
+    macs_before: int
     steps_per_epoch: int
     total_steps: int
     eval_every: int  # steps
@@ -281,6 +282,7 @@ def _set_up(
         example=example,
         initial_widths={t: graph.group_of(t).width for t in graph.targets()},
         params_before=count_params(model),
+        macs_before=count_macs(model),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
@@ -639,6 +641,7 @@ def _policy_view(
         setup.initial_widths,
         state.params,
         state.graph,
+        {"params": setup.params_before, "macs": setup.macs_before},
     )
 
 
@@ -658,6 +661,7 @@ def _state(
     initial_widths,
     params,
     graph,
+    initial_sizes=None,
 ) -> TrainState:
     """A :class:`TrainState` from its parts (positional: ``benchmarks/perf.py`` times it)."""
     return TrainState(
@@ -672,6 +676,7 @@ def _state(
         train_losses=train_losses,
         initial_widths=initial_widths,
         params=params,
+        initial_sizes=initial_sizes or {},
         _graph=graph,
     )
 

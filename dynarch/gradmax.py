@@ -311,22 +311,33 @@ def top_singular_vectors(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     layer4), a randomized truncated SVD (``torch.svd_lowrank``) costs O(rows * cols * k)
     instead of a cubic eigen-solve.
     """
+    # all-zero columns (units whose consumer entries never see a gradient, e.g. 1x1 maps
+    # padded by a 3x3 kernel) change neither the left singular vectors nor the values, and
+    # make the Gram matrix degenerate enough that LAPACK's eigen-solver can fail to converge
+    m = m[:, (m != 0).any(dim=0)] if m.numel() else m
     small = min(m.shape)
     if small > 512 and 8 * k <= small:
         u, s, _ = torch.svd_lowrank(m.double(), q=min(k + 16, small), niter=6)
         return u[:, :k].to(m.dtype), s[:k].to(m.dtype)
     work = m.double()
+    try:
+        u, s = _top_by_gram(work, k)
+    except torch.linalg.LinAlgError:  # still degenerate: the SVD itself, slower but robust
+        u, s, _ = torch.linalg.svd(work, full_matrices=False)
+        u, s = u[:, :k], s[:k]
+    return u.to(m.dtype), s.to(m.dtype)
+
+
+def _top_by_gram(work: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors and values from ``eigh`` of the smaller Gram matrix."""
     if work.shape[0] <= work.shape[1]:
         evals, evecs = torch.linalg.eigh(work @ work.T)
         order = evals.argsort(descending=True)[:k]
-        u = evecs[:, order]
-        s = evals[order].clamp_min(0).sqrt()
-    else:
-        evals, evecs = torch.linalg.eigh(work.T @ work)
-        order = evals.argsort(descending=True)[:k]
-        s = evals[order].clamp_min(0).sqrt()
-        u = (work @ evecs[:, order]) / s.clamp_min(1e-300)
-    return u.to(m.dtype), s.to(m.dtype)
+        return evecs[:, order], evals[order].clamp_min(0).sqrt()
+    evals, evecs = torch.linalg.eigh(work.T @ work)
+    order = evals.argsort(descending=True)[:k]
+    s = evals[order].clamp_min(0).sqrt()
+    return (work @ evecs[:, order]) / s.clamp_min(1e-300), s
 
 
 def orthogonal_fill(u: torch.Tensor, count: int, generator: torch.Generator | None = None):

@@ -229,30 +229,6 @@ def test_sweep_over_policies_and_seeds_runs_four_runs(tmp_path: Path) -> None:
     assert all(HistoryReader(db).run()["status"] == "completed" for db in dbs)
 
 
-def test_every_built_in_policy_config_runs(tmp_path: Path) -> None:
-    """One short run per policy config (4 epochs of digits), each leaving its mark."""
-    configs = ["north", "gradient_trigger", "top_scored", "grow_prune_budget", "deepen_schedule"]
-    result = dynarch(tmp_path, "run", "-m", f"policy={','.join(configs)}", "trainer.epochs=4")
-    assert result.returncode == 0, result.stderr
-    jobs = sorted((tmp_path / "runs" / "multirun").glob("*/[0-9]*"), key=lambda d: int(d.name))
-    events = {}
-    for config, job in zip(configs, jobs, strict=True):
-        history = HistoryReader(job / "history.db")
-        assert history.run()["status"] == "completed"
-        events[config] = history.events()
-        assert events[config], config
-    assert all(e["kind"] == "grow" and "north: phi" in e["reason"] for e in events["north"])
-    assert all("gradient: " in e["reason"] for e in events["gradient_trigger"])
-    assert all("top gradient" in e["reason"] for e in events["top_scored"])
-    cycle = events["grow_prune_budget"]
-    assert all(e["params_after"] <= 60000 for e in cycle if e["step"] < 69)
-    pruned = [e for e in cycle if e["kind"] == "prune"]
-    assert {e["step"] for e in pruned} == {69} and pruned[-1]["params_after"] <= 30000
-    assert any(e["kind"] == "grow" and e["step"] > 69 for e in cycle)
-    depth = [(e["step"], e["kind"], e["method"]) for e in events["deepen_schedule"]]
-    assert depth == [(23, "deepen", "conv"), (46, "deepen", "residual"), (69, "grow", "zeros")]
-
-
 CIFAR = TESTS.parent.parent / "shared" / "data" / "cifar10-10k.npz"
 
 

@@ -175,6 +175,22 @@ def test_truncated_svd_on_a_large_matrix_reaches_the_optimum() -> None:
     torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
 
 
+def test_zero_columns_leave_the_singular_vectors_and_values_alone() -> None:
+    """resnet18's layer4 on 8x8 inputs: 2048 of M's 2304 columns are zero, and LAPACK's
+    eigen-solver failed to converge on the degenerate Gram matrix (the gradient trigger then
+    crashed); the zero columns are dropped first, which changes nothing in the answer."""
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(300, 20, generator=gen) @ torch.randn(20, 60, generator=gen)
+    padded = torch.zeros(300, 600)
+    padded[:, ::10] = dense
+    u, s = top_singular_vectors(padded, 8)
+    ref_u, ref_s, _ = torch.linalg.svd(dense, full_matrices=False)
+    torch.testing.assert_close(s, ref_s[:8], rtol=1e-4, atol=0)
+    torch.testing.assert_close((u.T @ ref_u[:, :8]).abs(), torch.eye(8), atol=1e-4, rtol=0)
+    u, s = top_singular_vectors(torch.zeros(5, 7), 3)  # nothing to find: no columns
+    assert u.shape == (5, 0) and s.numel() == 0
+
+
 def test_k_above_rank_fills_with_orthogonal_random_and_says_so() -> None:
     # a single training sample: M = delta x^T has rank 1
     model, x, y, producer, consumer = _case("linear->linear")

@@ -14,9 +14,12 @@ from dynarch.controller import apply_mutation
 from dynarch.models import count_params, vgg_small
 from dynarch.policies import (
     AllTargets,
+    AtFractions,
     AtSteps,
     Compose,
     Cycle,
+    Deepen,
+    EveryFraction,
     EveryNSteps,
     Grow,
     PolicyError,
@@ -27,6 +30,7 @@ from dynarch.policies import (
     TrainState,
     count_macs,
 )
+from dynarch.policies.select import select
 
 
 def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):
@@ -43,6 +47,7 @@ def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     applied, params = [], []
+    sizes = {"params": count_params(model), "macs": count_macs(model)}
     for step in range(steps):
         state = TrainState(
             step,
@@ -56,6 +61,7 @@ def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):
             [],
             initial,
             sum(p.numel() for p in model.parameters()),
+            initial_sizes=sizes,
         )
         if step == 0 and hasattr(policy, "check"):
             policy.check(state)
@@ -80,6 +86,78 @@ def _eval_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model(x)
     model.train(training)
     return out
+
+
+def test_selectors_name_layers_by_role() -> None:
+    model = vgg_small(width=4)
+    graph = dynarch.ArchGraph.from_module(model, torch.randn(1, 1, 8, 8))
+    state = TrainState(0, 0.0, 10, 10, model, (None, None), None, [], [], {}, 0, _graph=graph)
+    assert select("conv[1]", state) == ["features.conv2"]
+    assert select("conv[-1]", state) == ["features.conv4"]
+    assert select("linear[-1]", state) == ["classifier.fc1"]
+    assert select("layer[:2]", state) == ["features.conv1", "features.conv2"]
+    assert select("layer[3:]", state) == ["features.conv4", "classifier.fc1"]
+    with pytest.raises(PolicyError, match=r"'conv\[4\]' selects no layer .*features.conv4\)"):
+        select("conv[4]", state)
+    with pytest.raises(
+        PolicyError, match=r"bad layer selector 'bn\[0\]'.*one of conv, linear, layer"
+    ):
+        select("bn[0]", state)
+    resnet = dynarch.models.resnet_small(width=4)
+    graph = dynarch.ArchGraph.from_module(resnet, torch.randn(1, 1, 8, 8))
+    state = TrainState(0, 0.0, 10, 10, resnet, (None, None), None, [], [], {}, 0, _graph=graph)
+    with pytest.raises(PolicyError, match="its linear targets: none"):
+        select("linear[0]", state)
+
+
+def test_times_as_fractions_of_the_run() -> None:
+    every = Grow(EveryFraction(0.25, max_times=3), AllTargets(["conv[0]"]), k=1, init="zeros")
+    assert [s for s, *_ in drive(every, 20)[0]] == [5, 10, 15]
+    at = Grow(AtFractions([0.5, 0.9]), AllTargets(["layer[-1]"]), k=1, init="zeros")
+    assert [(s, t) for s, _, t, _ in drive(at, 20)[0]] == [(10, "classifier.fc1")] + [
+        (18, "classifier.fc1")
+    ]
+    with pytest.raises(PolicyError, match="every must be a fraction of the run"):
+        EveryFraction(2)
+
+
+def test_schedule_by_role_fraction_of_run_and_of_width() -> None:
+    schedule = Schedule(
+        [
+            {"at": 0.5, "op": "grow", "target": "conv[1]", "fraction": 0.5, "init": "zeros"},
+            {"at": 0.75, "op": "deepen", "after": "conv[-1]", "kind": "residual"},
+            {"at": 0.8, "op": "prune", "target": "layer[-1]", "fraction": 0.25},
+        ]
+    )
+    applied, model, _ = drive(schedule, 20)
+    assert applied == [
+        (10, "grow", "features.conv2", 2),  # half of its width 4
+        (15, "deepen", "features.conv4", None),
+        (16, "prune", "classifier.fc1", 4),  # a quarter of its width 16
+    ]
+    assert schedule.state_dict()["resolved"][0] == ("features.conv2", 2)
+    with pytest.raises(ScheduleError, match=r"schedule\[0\]: at must be a fraction"):
+        Schedule([{"at": 1.5, "op": "grow", "target": "conv[0]", "k": 1}])
+
+
+def test_resolved_layers_survive_a_resume_on_a_changed_model() -> None:
+    """A resumed run's model has the layers the run added; ``conv[-1]`` must still mean the
+    layer it meant when the run started."""
+    policy = Deepen(EveryNSteps(2), after=["conv[-1]"], kind="conv")
+    applied, model, _ = drive(policy, 4)
+    assert [t for _, _, t, _ in applied] == ["features.conv4", "features.conv4"]
+    resumed = Deepen(EveryNSteps(2), after=["conv[-1]"], kind="conv")
+    resumed.load_state_dict(policy.state_dict())
+    assert resumed.places == ["features.conv4"]
+
+
+def test_relative_budget_is_a_multiple_of_the_start() -> None:
+    policy = Grow(EveryNSteps(1), AllTargets(), k=4, init="random", max_params="1.5x")
+    applied, model, params = drive(policy, 6)
+    start = count_params(vgg_small(width=4))
+    assert applied and max(params) <= 1.5 * start < max(params) + 600
+    with pytest.raises(PolicyError, match="multiple of the initial size like '2x'"):
+        Grow(EveryNSteps(1), AllTargets(), k=1, max_params="lots")
 
 
 def test_every_n_steps_round_robin_fraction_of_initial() -> None:
@@ -154,7 +232,11 @@ def test_compose_and_state_dict_round_trip() -> None:
     ]
     fresh = Grow(EveryNSteps(3, max_times=2), RoundRobin(), k=1, init="random")
     fresh.load_state_dict(a.state_dict())
-    assert fresh.state_dict() == {"when": {"fired": 2}, "where": {"position": 2}}
+    no_selectors = {"targets": [], "exclude": []}
+    assert fresh.state_dict() == {
+        "when": {"fired": 2},
+        "where": {"position": 2, "resolved": no_selectors},
+    }
 
 
 def test_schedule_checks_and_fires_once() -> None:

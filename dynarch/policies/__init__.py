@@ -2,7 +2,8 @@
 
 when.py: triggers; where.py: target choosers; amount.py: how many channels; budget.py:
 parameter/MAC budgets; grow_prune.py: Grow, Prune and their combinations; schedule.py: fixed
-schedules; signals.py: the layer measurements (NORTH, GradMax singular values) they use.
+schedules; select.py: layers by role (``conv[1]``); signals.py: the layer measurements
+(NORTH, GradMax singular values) they use.
 """
 
 from dynarch.policies.amount import (
@@ -16,15 +17,17 @@ from dynarch.policies.base import Mutation, Policy, PolicyError, TrainState, cou
 from dynarch.policies.depth import Deepen
 from dynarch.policies.grow_prune import Compose, Cycle, Grow, Prune
 from dynarch.policies.schedule import Schedule, ScheduleError, Static
-from dynarch.policies.when import AtSteps, EveryNSteps, LossPlateau
+from dynarch.policies.when import AtFractions, AtSteps, EveryFraction, EveryNSteps, LossPlateau
 from dynarch.policies.where import AllTargets, RoundRobin, TopScored
 
 __all__ = [
     "AllTargets",
+    "AtFractions",
     "AtSteps",
     "Compose",
     "Cycle",
     "Deepen",
+    "EveryFraction",
     "EveryNSteps",
     "Fixed",
     "FractionOfCurrent",

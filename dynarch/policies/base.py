@@ -78,6 +78,8 @@ class TrainState:
     train_losses: list[float]  # training loss of every step so far
     initial_widths: dict[str, int]  # target -> width of its group at the start of the run
     params: int
+    # the model's size as the run started ({"params": ..., "macs": ...}): budgets like "2x"
+    initial_sizes: dict[str, int] = field(default_factory=dict)
     _graph: ArchGraph | None = field(default=None, repr=False)
     # measurements taken at this step (activations, gradient signals), shared by all policies
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)

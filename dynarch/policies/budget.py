@@ -34,19 +34,53 @@ def trial_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-def limits_from(**given: int | None) -> dict[str, int]:
-    """``max_params=…, max_macs=…`` as ``{"params": …, "macs": …}``, checked positive."""
-    limits = {}
+def limits_from(**given: int | str | None) -> dict[str, int | str]:
+    """``max_params=…, max_macs=…`` as ``{"params": …, "macs": …}``: a positive count, or a
+    multiple of the model's size at the start of the run written ``"2x"`` (so that one preset
+    fits every model)."""
+    limits: dict[str, int | str] = {}
     for name, value in given.items():
-        check_positive(name, value, allow_none=True)
+        if isinstance(value, str):
+            _multiple(name, value)
+        else:
+            check_positive(name, value, allow_none=True)
         if value is not None:
             limits[name.split("_", 1)[1]] = value
     return limits
 
 
-def check_limits(state: TrainState, limits: dict[str, int], prefix: str) -> None:
+def absolute(state: TrainState, limits: dict[str, int | str]) -> dict[str, int]:
+    """The limits in parameters / MACs, multiples (``"2x"``) of the run's initial size
+    (``state.initial_sizes``, which the controller fills) resolved."""
+    resolved = {}
+    for what, value in limits.items():
+        if isinstance(value, str):
+            if what not in state.initial_sizes:
+                raise PolicyError(
+                    f"a budget of {value} needs the {what} at the start of the run "
+                    "(TrainState.initial_sizes)"
+                )
+            value = int(_multiple(what, value) * state.initial_sizes[what])
+        resolved[what] = value
+    return resolved
+
+
+def _multiple(name: str, text: str) -> float:
+    try:
+        factor = float(text.strip().removesuffix("x")) if text.strip().endswith("x") else None
+    except ValueError:
+        factor = None
+    if factor is None or not factor > 0 or factor == float("inf"):
+        raise PolicyError(
+            f"{name} must be a positive integer or a multiple of the initial size like '2x', "
+            f"got {text!r}"
+        )
+    return factor
+
+
+def check_limits(state: TrainState, limits: dict[str, int | str], prefix: str) -> None:
     """A budget below the model's size now cannot work: one line, before training."""
-    for what, limit in limits.items():
+    for what, limit in absolute(state, limits).items():
         now = COUNTERS[what](state.model)
         if limit < now:
             raise PolicyError(f"{prefix}_{what} {limit} is below the model's {now} {what}")
@@ -57,12 +91,13 @@ def within_limits(model: nn.Module, limits: dict[str, int]) -> bool:
 
 
 def fit_growth(
-    state: TrainState, wanted: list[tuple[str, int]], limits: dict[str, int]
+    state: TrainState, wanted: list[tuple[str, int]], limits: dict[str, int | str]
 ) -> list[tuple[str, int]]:
     """The largest k <= wanted for each target in turn such that the model after the whole
     decision stays within ``limits`` (e.g. ``{"params": 50_000}``)."""
     if not limits:
         return wanted
+    limits = absolute(state, limits)
     twin = trial_copy(state.model)
     fitted = []
     for target, k in wanted:
@@ -88,11 +123,12 @@ def fit_growth(
 
 
 def fit_pruning(
-    state: TrainState, targets: list[str], limits: dict[str, int], min_width: int
+    state: TrainState, targets: list[str], limits: dict[str, int | str], min_width: int
 ) -> tuple[list[tuple[str, int]], bool]:
     """Prune the same share of every target's width, the smallest share that brings the model
     within ``limits`` (never below ``min_width`` channels). Returns (target, k) pairs and
     whether the limits are met (False: even pruning everything allowed is not enough)."""
+    limits = absolute(state, limits)
     widths = {t: state.width(t) for t in targets}
 
     def plan(share: float) -> list[tuple[str, int]]:

@@ -19,7 +19,13 @@ from dynarch.policies.base import (
     check_fraction,
     check_positive,
 )
-from dynarch.policies.budget import check_limits, fit_growth, fit_pruning, limits_from
+from dynarch.policies.budget import (
+    absolute,
+    check_limits,
+    fit_growth,
+    fit_pruning,
+    limits_from,
+)
 from dynarch.surgery.prune import check_importance
 
 
@@ -40,8 +46,8 @@ class Grow:
         init: str = "gradmax",
         init_options: dict[str, Any] | None = None,
         max_width: int | None = None,
-        max_params: int | None = None,
-        max_macs: int | None = None,
+        max_params: int | str | None = None,
+        max_macs: int | str | None = None,
     ) -> None:
         self.amount = amount_from(k, fraction_of_initial, fraction_of_current, amount)
         check_positive("max_width", max_width, allow_none=True)
@@ -55,6 +61,7 @@ class Grow:
 
     def check(self, state: TrainState) -> None:
         check_limits(state, self.limits, "max")
+        _check_parts(self, state)
 
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)
@@ -102,8 +109,8 @@ class Prune:
         where: Any,
         k: int | None = None,
         ratio: float | None = None,
-        to_params: int | None = None,
-        to_macs: int | None = None,
+        to_params: int | str | None = None,
+        to_macs: int | str | None = None,
         importance: str = "magnitude",
         min_width: int = 1,
     ) -> None:
@@ -125,6 +132,9 @@ class Prune:
         self.when, self.where, self.k, self.ratio = when, where, k, ratio
         self.importance, self.min_width = importance, min_width
 
+    def check(self, state: TrainState) -> None:
+        _check_parts(self, state)
+
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)
         if not fire:
@@ -132,7 +142,8 @@ class Prune:
         targets = self.where.choose(state)
         if self.limits:
             planned, met = fit_pruning(state, targets, self.limits, self.min_width)
-            goal = ", ".join(f"{what} <= {limit}" for what, limit in self.limits.items())
+            limits = absolute(state, self.limits)
+            goal = ", ".join(f"{what} <= {limit}" for what, limit in limits.items())
             reason = _join(reason, f"to {goal}" + ("" if met else " (not reachable)"))
         else:
             planned = [(t, self.k or int(self.ratio * state.width(t))) for t in targets]
@@ -175,25 +186,34 @@ class Compose:
 
 
 class Cycle:
-    """Phases of ``steps`` steps each, one policy per phase (grow, then prune, then regrow...),
-    repeated while the run lasts when ``repeat``."""
+    """Phases of ``steps`` steps (or a ``fraction`` of the run) each, one policy per phase
+    (grow, then prune, then regrow...), repeated while the run lasts when ``repeat``."""
 
     def __init__(self, phases: list[dict[str, Any]], repeat: bool = True) -> None:
         if not phases:
             raise PolicyError("Cycle needs at least one phase")
         for i, phase in enumerate(phases):
-            check_positive(f"phases[{i}].steps", phase.get("steps"))
+            if ("steps" in phase) == ("fraction" in phase):
+                raise PolicyError(f"phases[{i}] needs one of steps or fraction")
+            if "steps" in phase:
+                check_positive(f"phases[{i}].steps", phase["steps"])
+            else:
+                check_fraction(f"phases[{i}].fraction", phase["fraction"])
         self.phases, self.repeat = phases, repeat
 
-    def phase_at(self, step: int) -> int | None:
-        period = sum(p["steps"] for p in self.phases)
+    def phase_at(self, step: int, total_steps: int) -> int | None:
+        lengths = [
+            p["steps"] if "steps" in p else max(1, round(p["fraction"] * total_steps))
+            for p in self.phases
+        ]
+        period = sum(lengths)
         if step >= period and not self.repeat:
             return None
         offset = step % period
-        for i, phase in enumerate(self.phases):
-            if offset < phase["steps"]:
+        for i, length in enumerate(lengths):
+            if offset < length:
                 return i
-            offset -= phase["steps"]
+            offset -= length
         return None
 
     def check(self, state: TrainState) -> None:
@@ -202,7 +222,7 @@ class Cycle:
                 phase["policy"].check(state)
 
     def decide(self, state: TrainState) -> list[Mutation]:
-        phase = self.phase_at(state.step)
+        phase = self.phase_at(state.step, state.total_steps)
         if phase is None:
             return []
         decided = self.phases[phase]["policy"].decide(state)
@@ -216,6 +236,14 @@ class Cycle:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for i, phase in enumerate(self.phases):
             _load(phase["policy"], state[str(i)])
+
+
+def _check_parts(policy: Grow | Prune, state: TrainState) -> None:
+    """The trigger's and chooser's own checks (e.g. layer selectors resolved as the run
+    starts)."""
+    for part in (policy.when, policy.where):
+        if hasattr(part, "check"):
+            part.check(state)
 
 
 def _describe(chooser: Any, target: str) -> str:

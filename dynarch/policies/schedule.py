@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dynarch.errors import DynarchError, close_matches
 from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
+from dynarch.policies.select import resolve_one
 from dynarch.surgery.deepen import check_choice, inserted_name
 from dynarch.surgery.prune import check_importance
 
 OPS = ("grow", "prune", "deepen")
+TIMES = ("epoch", "step", "at")  # at: a fraction of the run, so a preset fits any length
 _ENTRY_KEYS = {
-    "grow": {"epoch", "step", "op", "target", "k", "init", "init_options"},
-    "prune": {"epoch", "step", "op", "target", "k", "importance"},
-    "deepen": {"epoch", "step", "op", "after", "kind", "init"},
+    "grow": {*TIMES, "op", "target", "k", "fraction", "init", "init_options"},
+    "prune": {*TIMES, "op", "target", "k", "fraction", "importance"},
+    "deepen": {*TIMES, "op", "after", "kind", "init"},
 }
 
 
@@ -28,14 +30,30 @@ class ScheduleError(DynarchError):
 @dataclass(frozen=True)
 class _Entry:
     index: int
-    when: float  # epoch (float) or step (int), see ``in_steps``
-    in_steps: bool
-    mutation: Mutation
+    when: float
+    unit: str  # one of TIMES
+    mutation: Mutation  # its target may be a selector (select.py), its k 0 with ``fraction``
+    fraction: float | None = None  # k as a share of the group's width as the run starts
 
     def step(self, state: TrainState) -> int:
-        if self.in_steps:
+        if self.unit == "step":
             return int(self.when)
-        return int(round(self.when * state.steps_per_epoch))
+        scale = state.total_steps if self.unit == "at" else state.steps_per_epoch
+        return int(round(self.when * scale))
+
+    def resolved(self, state: TrainState) -> tuple[str, int | None]:
+        """The layer and the channel count, selectors and fractions resolved."""
+        where = f"schedule[{self.index}]"
+        try:
+            target = resolve_one(self.mutation.target, state)
+        except DynarchError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
+        if self.fraction is None:
+            return target, self.mutation.k
+        width = state.initial_widths.get(target)
+        if width is None:
+            width = state.graph.group_of(target).width if target in state.graph.targets() else 0
+        return target, max(1, round(self.fraction * width))
 
 
 class Static:
@@ -46,24 +64,29 @@ class Static:
 
 
 class Schedule:
-    """Mutations at given epochs (``epoch: 2.0`` = before the first step after two full epochs)
-    or steps, in listed order for equal times. Every entry is checked when the policy is built
-    and against the real model (targets, widths through the whole schedule) before training."""
+    """Mutations at given epochs (``epoch: 2.0`` = before the first step after two full epochs),
+    steps, or fractions of the run (``at: 0.5``), in listed order for equal times. Layers are
+    module names or selectors (``conv[1]``, select.py); ``fraction: 0.25`` instead of ``k``
+    changes a quarter of the layer's width as the run starts. Every entry is checked when the
+    policy is built and against the real model (targets, widths through the whole schedule)
+    before training."""
 
     def __init__(self, mutations: list[Mapping[str, Any]]) -> None:
         self.entries = _parse(mutations)
         self.done = 0  # how many entries, in order of their step, have been applied
+        self.resolved: list[tuple[str, int | None]] | None = None  # entry -> (target, k)
 
     def check(self, state: TrainState) -> None:
+        entries = self._resolve(state)
         graph = state.graph
         widths = {g.name: g.width for g in graph.groups}
         modules = {name for name, _ in state.model.named_modules()}
         inserted: list[str] = []  # layers earlier deepen entries will have added
-        for e in sorted(self.entries, key=lambda e: e.step(state)):
+        for e in sorted(entries, key=lambda e: e.step(state)):
             where, m = f"schedule[{e.index}]", e.mutation
             if not 0 <= e.step(state) < state.total_steps:
                 raise ScheduleError(
-                    f"{where}: {'step' if e.in_steps else 'epoch'} {e.when:g} is outside the run "
+                    f"{where}: {e.unit} {e.when:g} is outside the run "
                     f"({state.total_steps} steps, {state.total_steps / state.steps_per_epoch:g} "
                     "epochs)"
                 )
@@ -74,22 +97,36 @@ class Schedule:
 
     def decide(self, state: TrainState) -> list[Mutation]:
         # epochs become steps only now (steps per epoch are known), in listed order for ties
-        order = sorted(self.entries, key=lambda e: (e.step(state), e.index))
+        order = sorted(self._resolve(state), key=lambda e: (e.step(state), e.index))
         due = []
         while self.done < len(order) and order[self.done].step(state) <= state.step:
             e = order[self.done]
-            unit = "step" if e.in_steps else "epoch"
-            due.append(
-                Mutation(**{**e.mutation.__dict__, "reason": f"schedule: {unit} {e.when:g}"})
-            )
+            due.append(Mutation(**{**e.mutation.__dict__, "reason": f"schedule: {_when(e)}"}))
             self.done += 1
         return due
 
+    def _resolve(self, state: TrainState) -> list[_Entry]:
+        """The entries with their layers and channel counts as the run started (kept in the
+        state, so a resumed run uses the same ones)."""
+        if self.resolved is None:
+            self.resolved = [e.resolved(state) for e in self.entries]
+        return [
+            replace(e, mutation=replace(e.mutation, target=target, k=k))
+            for e, (target, k) in zip(self.entries, self.resolved, strict=True)
+        ]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
+        return {"done": self.done, "resolved": self.resolved}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = int(state["done"])
+        resolved = state.get("resolved")
+        if resolved is not None:
+            self.resolved = [(t, None if k is None else int(k)) for t, k in resolved]
+
+
+def _when(e: _Entry) -> str:
+    return f"{e.when:g} of the run" if e.unit == "at" else f"{e.unit} {e.when:g}"
 
 
 def _check_deepen(where: str, m: Mutation, modules: set[str], inserted: list[str]) -> str:
@@ -149,20 +186,23 @@ def _parse(entries: Any) -> list[_Entry]:
                 f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for op {op!r}; "
                 f"allowed: {', '.join(sorted(_ENTRY_KEYS[op]))}"
             )
-        if ("epoch" in entry) == ("step" in entry):
-            raise ScheduleError(f"{where}: give exactly one of epoch or step")
-        in_steps = "step" in entry
-        when = entry["step" if in_steps else "epoch"]
+        units = [unit for unit in TIMES if unit in entry]
+        if len(units) != 1:
+            raise ScheduleError(f"{where}: give exactly one of epoch, step or at")
+        unit, when = units[0], entry[units[0]]
         if isinstance(when, bool) or not isinstance(when, (int, float)) or math.isnan(when):
-            raise ScheduleError(f"{where}: epoch/step must be a number, got {when!r}")
-        if when < 0:
-            raise ScheduleError(f"{where}: epoch/step must be >= 0, got {when!r}")
-        parsed.append(_Entry(index, float(when), in_steps, _mutation(where, op, entry)))
+            raise ScheduleError(f"{where}: {unit} must be a number, got {when!r}")
+        if when < 0 or (unit == "at" and when >= 1):
+            bound = "a fraction of the run in [0, 1)" if unit == "at" else ">= 0"
+            raise ScheduleError(f"{where}: {unit} must be {bound}, got {when!r}")
+        mutation, fraction = _mutation(where, op, entry)
+        parsed.append(_Entry(index, float(when), unit, mutation, fraction))
     return parsed
 
 
-def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
-    """The entry's mutation, its names and values checked (initializer options included)."""
+def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> tuple[Mutation, float | None]:
+    """The entry's mutation, its names and values checked (initializer options included),
+    and the share of the width it changes when given as ``fraction`` instead of ``k``."""
     if op == "deepen":
         after, kind, init = (
             entry.get("after"),
@@ -175,15 +215,18 @@ def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
             check_choice(str(kind), str(init))
         except DynarchError as exc:
             raise ScheduleError(f"{where}: {exc}") from None
-        return Mutation(op="deepen", target=after, kind=kind, init=init)
-    missing = sorted({"target", "k"} - set(entry))
-    if missing:
-        raise ScheduleError(f"{where}: missing {', '.join(missing)}")
-    target, k = entry["target"], entry["k"]
+        return Mutation(op="deepen", target=after, kind=kind, init=init), None
+    if "target" not in entry or ("k" in entry) == ("fraction" in entry):
+        raise ScheduleError(f"{where}: give a target and one of k or fraction")
+    target, k, fraction = entry["target"], entry.get("k", 0), entry.get("fraction")
     if not isinstance(target, str) or not target:
         raise ScheduleError(f"{where}: target must be a module name, got {target!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    if fraction is None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
         raise ScheduleError(f"{where}: k must be a positive integer, got {k!r}")
+    if fraction is not None and not (
+        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction > 0
+    ):
+        raise ScheduleError(f"{where}: fraction must be a number > 0, got {fraction!r}")
     mutation = Mutation(op=op, target=target, k=k)
     try:
         if op == "grow":
@@ -194,4 +237,4 @@ def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> Mutation:
             mutation.importance = check_importance(entry.get("importance", "magnitude"))
     except DynarchError as exc:
         raise ScheduleError(f"{where}: {exc}") from None
-    return mutation
+    return mutation, fraction

@@ -48,6 +48,59 @@ class AtSteps:
         return state.step in self.steps, f"at step {state.step}"
 
 
+class EveryFraction:
+    """:class:`EveryNSteps` in fractions of the run, so one preset fits any run length: fires
+    every ``every`` of the run's steps from ``start`` (default: ``every``), before ``stop``,
+    at most ``max_times`` times. ``EveryFraction(0.1, max_times=4)`` fires at 10, 20, 30 and
+    40 % of the run."""
+
+    def __init__(
+        self,
+        every: float,
+        start: float | None = None,
+        stop: float = 1.0,
+        max_times: int | None = None,
+    ) -> None:
+        start = every if start is None else start
+        for name, value in (("every", every), ("start", start), ("stop", stop)):
+            if not _is_fraction(value, allow_zero=name == "start") or value > 1:
+                raise PolicyError(f"{name} must be a fraction of the run in [0, 1], got {value!r}")
+        check_positive("max_times", max_times, allow_none=True)
+        self.every, self.start, self.stop = every, start, stop
+        self.steps = EveryNSteps(1, max_times=max_times)
+
+    def should_act(self, state: TrainState) -> tuple[bool, str]:
+        total = state.total_steps
+        self.steps.n = max(1, round(self.every * total))
+        self.steps.start, self.steps.stop = round(self.start * total), round(self.stop * total)
+        fire, _ = self.steps.should_act(state)
+        return fire, f"every {self.every:g} of the run: step {state.step} of {total}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.steps.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps.load_state_dict(state)
+
+
+class AtFractions:
+    """Fires once at each listed fraction of the run (0.5: the first step of its second half)."""
+
+    def __init__(self, at: list[float]) -> None:
+        if not at or not all(_is_fraction(a, allow_zero=True) and a < 1 for a in at):
+            raise PolicyError(f"at must be a list of fractions of the run in [0, 1), got {at!r}")
+        self.at = sorted(at)
+
+    def should_act(self, state: TrainState) -> tuple[bool, str]:
+        hit = [a for a in self.at if round(a * state.total_steps) == state.step]
+        return bool(hit), f"at {hit[0] if hit else 0:g} of the run: step {state.step}"
+
+
+def _is_fraction(value: Any, allow_zero: bool = False) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
+
+
 class LossPlateau:
     """Fires when the mean training loss of the last ``window`` steps has improved by less than
     ``min_delta`` (relative) over the best earlier window for ``patience`` steps; then waits

@@ -11,18 +11,40 @@ from typing import Any
 
 from dynarch.errors import close_matches
 from dynarch.policies.base import PolicyError, TrainState, check_positive
+from dynarch.policies.select import resolve
 from dynarch.policies.signals import SCORES
 
 
 class AllTargets:
-    """Every growable layer (or the given ones), except ``exclude``: the paper's all-at-once."""
+    """Every growable layer (or the given ones), except ``exclude``: the paper's all-at-once.
+    ``targets`` and ``exclude`` take module names or selectors (``conv[:2]``, ``linear[-1]``:
+    select.py), resolved against the model as the run starts."""
 
     def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None) -> None:
-        self.targets, self.exclude = targets, set(exclude or [])
+        self.targets, self.exclude = targets, list(exclude or [])
+        self.resolved: dict[str, list[str]] | None = None  # targets / exclude as names
+
+    def check(self, state: TrainState) -> None:
+        self._resolve(state)
 
     def choose(self, state: TrainState) -> list[str]:
-        pool = self.targets if self.targets is not None else state.targets()
-        return [t for t in pool if t not in self.exclude]
+        resolved = self._resolve(state)
+        pool = resolved["targets"] if self.targets is not None else state.targets()
+        return [t for t in pool if t not in resolved["exclude"]]
+
+    def _resolve(self, state: TrainState) -> dict[str, list[str]]:
+        if self.resolved is None:
+            self.resolved = {
+                "targets": resolve(self.targets or [], state),
+                "exclude": resolve(self.exclude, state),
+            }
+        return self.resolved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resolved": self.resolved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resolved = state.get("resolved")
 
 
 class RoundRobin(AllTargets):
@@ -41,9 +63,10 @@ class RoundRobin(AllTargets):
         return [target]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
+        return {**super().state_dict(), "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.position = int(state["position"])
 
 
