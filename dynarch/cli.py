@@ -1,12 +1,14 @@
 """The ``dynarch`` command: ``dynarch run [hydra overrides...]`` trains with a mutation schedule.
 
-Configuration comes from Hydra (``configs/config.yaml`` at the repository top level); every run
+Configuration comes from Hydra (``configs/config.yaml``, shipped in the package); every run
 gets its own directory under ``runs/`` with the resolved config, metrics, mutations and the final
 architecture. Mistakes the user can fix end in one ``dynarch: error: ...`` line and exit code 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +24,9 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dynarch import config as config_module
 from dynarch.config import ConfigValueError, check_values, register
-from dynarch.errors import ConfigError, DynarchError
+from dynarch.errors import ConfigError, DynarchError, close_matches
 from dynarch.history_store import HistoryReader
 from dynarch.launch import launched_ranks
 
@@ -37,9 +40,17 @@ USAGE = (
     " | dynarch query RUN_DIR COMMAND (see dynarch query --help)"
 )
 
-# The repository's top-level configs/, found from this file: Hydra would resolve a relative
-# "../configs" as a Python package (dynarch is imported as a module), and configs/ is not one.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+def _config_dir() -> str:
+    """The repository's top-level configs/ in a checkout (an editable install), else the copy
+    a regular install ships inside the package (``dynarch/configs``, pyproject.toml). An
+    absolute path: Hydra would resolve a relative one as a Python package."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "configs"
+    return str(checkout if (checkout / "config.yaml").is_file() else package / "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 # Messages of failed jobs; a multirun keeps going and exits 1 at the end.
 _failures: list[str] = []
@@ -165,9 +176,10 @@ def _resume_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
     return [f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"], None
 
 
-def composition_error(overrides: list[str]) -> str | None:
+def composition_error(overrides: list[str], config_dir: str | None = None) -> str | None:
     """Compose the config as Hydra will, once for every value a sweep names, so that an
-    unknown group option, key or a wrong type is one line before any run directory exists."""
+    unknown group option, key or a wrong type is one line before any run directory exists.
+    ``config_dir``: the user's own configs (``--config-dir``), searched as Hydra does."""
     try:
         parsed = OverridesParser.create().parse_overrides(
             [o for o in overrides if not o.startswith("-")]
@@ -177,6 +189,8 @@ def composition_error(overrides: list[str]) -> str | None:
     parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override())]
+    if config_dir is not None:
+        fixed.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     variants = [fixed]  # without -m, a sweep fails here with Hydra's own advice
     for o in parsed:
         if multirun and o.is_sweep_override():
@@ -219,7 +233,82 @@ def _one_line(exc: Exception) -> str:
     cause = str(exc.__cause__ or "").strip()
     if cause:
         message += f": {cause.splitlines()[0]}"
-    return message
+    return message + _did_you_mean(message)
+
+
+def _did_you_mean(message: str) -> str:
+    """``Key 'epoch' not in 'TrainerConfig'`` -> "; did you mean: 'epochs'?" from the
+    structured config's fields (dynarch/config.py)."""
+    found = re.search(r"Key '(\w+)' not in '(\w+)'", message)
+    section = getattr(config_module, found.group(2), None) if found else None
+    if found is None or not dataclasses.is_dataclass(section):
+        return ""
+    return close_matches(found.group(1), [f.name for f in dataclasses.fields(section)])
+
+
+# Hydra's flags (hydra/_internal/utils.py, get_args_parser) that take a value, which may be
+# the next argument ("--cfg job" as well as "--cfg=job"); --info's value is optional.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
+_INFO = ({"--info", "-i"}, {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+# flags after which Hydra prints or runs something other than one job of our configs: it
+# checks the command line itself
+_HYDRA_ONLY = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version",
+               "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--experimental-rerun", "--resolve", "-p", "--package"}  # fmt: skip
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags with their values (both spellings), and the overrides."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg, name = args[i], args[i].split("=", 1)[0]
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            flags.append(arg)
+            takes = name in _VALUE_FLAGS or (
+                name in _INFO[0] and i + 1 < len(args) and args[i + 1] in _INFO[1]
+            )
+            if "=" not in arg and takes and i + 1 < len(args):
+                i += 1
+                flags.append(args[i])
+        i += 1
+    return flags, overrides
+
+
+def _flag_value(flags: list[str], names: set[str]) -> str | None:
+    for i, flag in enumerate(flags):
+        name, _, value = flag.partition("=")
+        if name in names:
+            return value or (flags[i + 1] if i + 1 < len(flags) else None)
+    return None
+
+
+def _checked_command_line(args: list[str]) -> tuple[list[str], str | None]:
+    """The command line for Hydra, or a one-line problem with it."""
+    flags, overrides = split_flags(args)
+    if any(f.split("=", 1)[0] in _HYDRA_ONLY for f in flags):
+        return args, None
+    checked = [*overrides, *(f for f in flags if f in ("-m", "--multirun"))]
+    config_dir = _flag_value(flags, {"--config-dir", "-cd"})
+    if config_dir is not None and not Path(config_dir).is_dir():
+        return args, f"--config-dir {config_dir}: no such directory"
+    problem = composition_error(checked, config_dir)
+    if problem is None:
+        args, problem = _resume_overrides(args)
+    if problem is None:
+        args, problem = _process_overrides(args)
+    return args, problem
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dynarch")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0)
+    if args and args[0] in ("-V", "--version"):
+        print(f"dynarch {_version()}")
+        sys.exit(0)
     if args and args[0] == "query":
         from dynarch.query_cli import main as query_main
 
@@ -235,12 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] != "run":
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    overrides = args[1:]
-    problem = composition_error(overrides)
-    if problem is None:
-        overrides, problem = _resume_overrides(overrides)
-    if problem is None:
-        overrides, problem = _process_overrides(overrides)
+    overrides, problem = _checked_command_line(args[1:])
     if problem is not None:
         if launched_ranks()[0] == 0:
             print(f"dynarch: error: {problem}", file=sys.stderr)

@@ -3,7 +3,9 @@
     dynarch query RUN_DIR summary | versions | widths | events | metrics
     dynarch query RUN_DIR diff STEP_A STEP_B
     dynarch query RUN_DIR graph [--at STEP] [--format graphml|json|dot] [--out FILE]
-    dynarch query RUN_DIR plot --out DIR [--format png|svg]
+    dynarch query RUN_DIR plot [--out DIR] [--format png|svg]   (default: RUN_DIR/plots)
+
+RUN_DIR may be ``latest``: the run under ./runs that started last.
     dynarch query compare RUN_DIR RUN_DIR...
 
 Tables are aligned text; ``--json`` prints JSON for scripts. Any mistake (missing directory, not
@@ -48,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Query a run's history.db: architectures over time, diffs, plots, exports.",
         parents=[json_flag],
     )
-    p.add_argument("run_dir", help="a run directory (or its history.db)")
+    p.add_argument(
+        "run_dir", help="a run directory (or its history.db), or latest: the newest under ./runs"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, text in (
@@ -69,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("--format", choices=FORMATS, default="json")
     graph.add_argument("--out", type=Path, help="file to write (default: standard output)")
     plot = sub.add_parser("plot", help="widths, params/MACs/accuracy and graph plots")
-    plot.add_argument("--out", type=Path, required=True, help="directory for the images")
+    plot.add_argument("--out", type=Path, help="directory for the images (default: RUN_DIR/plots)")
     plot.add_argument("--format", choices=("png", "svg"), default="png")
     plot.add_argument("--at", type=int, help="step of the graph drawing (default: the last)")
     return p
@@ -108,6 +112,7 @@ def _dispatch(argv: list[str]) -> None:
         return
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
+    args.run_dir = resolve_run(args.run_dir)
     with History(args.run_dir) as h:
         if args.command == "summary":
             _print(h.summary(), as_json)
@@ -134,8 +139,29 @@ def _dispatch(argv: list[str]) -> None:
         elif args.command == "plot":
             from dynarch.plots import plot_all
 
-            for path in plot_all(h, args.out, fmt=args.format, step=args.at):
+            out = args.out if args.out is not None else _run_dir(args.run_dir) / "plots"
+            for path in plot_all(h, out, fmt=args.format, step=args.at):
                 print(path)
+
+
+def resolve_run(name: str, runs: Path = Path("runs")) -> Path:
+    """``latest``: the run under ``runs`` (sweep jobs included) whose config was written last,
+    i.e. the one started last; any other name is a path."""
+    if name != "latest":
+        return Path(name)
+    started = {db.parent: _started(db) for db in runs.rglob("history.db")}
+    if not started:
+        raise _UsageError(f"latest: no runs under {runs.resolve()}")
+    return max(started, key=started.__getitem__)
+
+
+def _started(db: Path) -> float:
+    config = db.parent / "config.yaml"
+    return (config if config.is_file() else db).stat().st_mtime
+
+
+def _run_dir(path: Path) -> Path:
+    return path.parent if path.name == "history.db" else path
 
 
 def main(argv: list[str]) -> int:

@@ -94,6 +94,24 @@ def test_run_prints_run_dir_last(fast_run) -> None:
     assert sum(line.strip().startswith("step ") for line in lines) == 2
 
 
+def test_query_latest_and_plots_beside_the_run(fast_run) -> None:
+    """``latest`` names the newest run under ./runs; ``plot`` writes to RUN/plots by default."""
+    result, cwd = fast_run
+    run_dir = run_dir_of(result)
+    older = cwd / "runs" / "multirun" / "0" / "history.db"  # an older run in a sweep dir
+    older.parent.mkdir(parents=True)
+    older.write_bytes((run_dir / "history.db").read_bytes())
+    os.utime(older, (0, 0))
+    summary = dynarch(cwd, "query", "latest", "summary", "--json")
+    assert summary.returncode == 0, summary.stderr
+    assert json.loads(summary.stdout)["run"] == run_dir.name
+    plots = dynarch(cwd, "query", "latest", "plot")
+    assert plots.returncode == 0, plots.stderr
+    written = sorted(Path(p).name for p in plots.stdout.split())
+    assert written == ["graph.png", "metrics.png", "widths.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == written
+
+
 def test_history_has_the_scheduled_mutations_and_metrics(fast_run) -> None:
     result, _ = fast_run
     run_dir = run_dir_of(result)
@@ -189,6 +207,8 @@ def test_unknown_target_fails_before_training(tmp_path: Path) -> None:
         (["trainer.batch_size=big"], ["trainer.batch_size", "'big'"]),
         (["policy=gradmax_schedule", "+policy.max_params=100"], ["max_params 100", "25370"]),
         (["policy=top_scored", "policy.where.score=gradiant"], ["'gradiant'", "'gradient'"]),
+        (["policy.mutations=[{at:0.5,op:grow,target:'conv[7]',k:1}]"], ["'conv[7]'", "conv4"]),
+        (["-cd", "no_such_dir", "policy=mine"], ["--config-dir no_such_dir: no such directory"]),
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, override: list[str], words: list[str]) -> None:
@@ -199,6 +219,46 @@ def test_user_errors_are_one_line(tmp_path: Path, override: list[str], words: li
 def test_a_typo_in_a_key_fails_at_start_with_hydras_message(tmp_path: Path) -> None:
     line = one_error_line(dynarch(tmp_path, "run", "trainer.epoch=3"))
     assert "Key 'epoch' not in 'TrainerConfig'" in line and not (tmp_path / "runs").exists()
+    assert line.endswith("(did you mean: 'epochs'?)")
+
+
+@pytest.mark.parametrize(
+    "flags, shown",
+    [
+        (["--cfg", "job"], "model:\n  name: vgg_small"),
+        (["--cfg=job", "model=resnet_small"], "model:\n  name: resnet_small"),
+        (["-c", "job"], "optimizer:\n  name: sgd"),
+        (["--info", "defaults"], "Defaults List"),
+        (["-i", "searchpath"], "Config search path"),
+        (["--help"], "dynarch run: train a CNN while a policy grows"),
+    ],
+)
+def test_hydras_flags_work_in_both_spellings(tmp_path: Path, flags: list[str], shown: str) -> None:
+    """``dynarch run --cfg job`` used to fail with "Error parsing override 'job'"."""
+    result = dynarch(tmp_path, "run", *flags)
+    assert result.returncode == 0, result.stderr
+    assert shown in result.stdout and "powered by Hydra" not in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_own_configs_with_config_dir(tmp_path: Path) -> None:
+    mine = tmp_path / "my_configs" / "policy"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text(
+        "_target_: dynarch.policies.Schedule\n"
+        "mutations: [{at: 0.5, op: grow, target: 'conv[0]', k: 2, init: zeros}]\n"
+    )
+    result = dynarch(
+        tmp_path, "run", "--config-dir", "my_configs", "policy=mine", "trainer.steps=4"
+    )
+    assert result.returncode == 0, result.stderr
+    events = HistoryReader(run_dir_of(result) / "history.db").events()
+    assert [(e["step"], e["target"], e["k"]) for e in events] == [(2, "features.conv1", 2)]
+
+
+def test_version(tmp_path: Path) -> None:
+    result = dynarch(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == "dynarch 0.1.0"
 
 
 @pytest.mark.parametrize("args", [[], ["train"], ["--run"]])
