@@ -29,6 +29,7 @@ from dynarch.config import ConfigValueError, check_values, register
 from dynarch.errors import ConfigError, DynarchError, close_matches
 from dynarch.history_store import HistoryReader
 from dynarch.launch import launched_ranks
+from dynarch.stopping import RunInterrupted
 
 if TYPE_CHECKING:
     from dynarch.policies.base import Policy
@@ -89,6 +90,10 @@ def _run_app(cfg: DictConfig) -> None:
         from dynarch.controller import run  # torch: only once the command line is valid
 
         summary = run(plain, policy, run_dir, resume=resume)
+    except RunInterrupted as exc:  # checkpointed and marked; a sweep stops here too
+        if launched_ranks()[0] == 0:
+            print(f"dynarch: {exc}; continue with: dynarch run resume={run_dir}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except (DynarchError, OmegaConfBaseException) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if launched_ranks()[0] == 0:
@@ -335,5 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra parses sys.argv itself; it must see only the overrides after "run".
     sys.argv = [sys.argv[0], *overrides]
     _failures.clear()
-    _run_app()
+    try:
+        _run_app()
+    except KeyboardInterrupt:  # before training began (its own Ctrl-C is handled in the run)
+        print("dynarch: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
     sys.exit(1 if _failures else 0)

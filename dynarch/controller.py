@@ -12,6 +12,7 @@ LR steps), then evaluate and checkpoint when due. The LR schedule is a multiplie
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from dynarch.history_store import HistoryWriter
 from dynarch.models import build_model, count_params
 from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
 from dynarch.run_state import RunState, read_checkpoint
+from dynarch.stopping import RunInterrupted, StopRequest
 from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
@@ -193,6 +195,7 @@ class RunSetup:
     eval_every: int  # steps
     checkpoint_every: int  # steps; 0: only after mutations and at the end
     loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C / SIGTERM seen
 
     @property
     def trainer(self) -> dict[str, Any]:
@@ -223,9 +226,10 @@ def run(
         torch.set_num_threads(int(trainer["threads"]))
     torch.manual_seed(trainer["seed"])
     setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
-    state = _starting_state(setup, policy, model, graph, resume)
-    progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
-    _train_to_the_end(setup, state, progress)
+    with setup.stop:
+        state = _starting_state(setup, policy, model, graph, resume)
+        progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
+        _train_to_the_end(setup, state, progress)
     if procs.is_main:
         (run_dir / "architecture.json").write_text(state.graph.to_json() + "\n", encoding="utf-8")
     return RunSummary(
@@ -391,9 +395,20 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
     completed = False
     try:
         _train(setup, state, progress)
+        if state.step < setup.total_steps:
+            _stop_between_steps(setup, state)
         _check_processes_agree(setup, state.model)
         state.history.finish("completed")
         completed = True
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so no checkpoint of it
+        message = (
+            f"interrupted during step {state.step}; "
+            f"resume continues from step {state.last_checkpoint}"
+        )
+        state.history.finish("interrupted", message)
+        raise RunInterrupted(message, signal.SIGINT) from None
     except BaseException as exc:
         message = str(exc).strip()
         state.history.finish("failed", message.splitlines()[0] if message else type(exc).__name__)
@@ -405,16 +420,31 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
         distributed.stop(together=completed)
 
 
+def _stop_between_steps(setup: RunSetup, state: RunState) -> None:
+    """A stop request between steps: checkpoint, mark the run interrupted, say how to go on."""
+    _checkpoint(setup, state)
+    message = f"interrupted at step {state.step}"
+    state.history.finish("interrupted", message)
+    signum = setup.stop.signum or signal.SIGINT
+    raise RunInterrupted(message, signum)
+
+
+def _stop_requested(setup: RunSetup) -> bool:
+    """Rank 0's answer for every process (torchrun signals them all, not at the same step)."""
+    requested = setup.stop.requested()
+    return bool(setup.procs.broadcast(requested)) if setup.procs.world > 1 else requested
+
+
 def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
     """Steps until the last, from the data position of the state's step (mid-epoch after a
-    resume)."""
+    resume), or until a stop is requested."""
     loader = setup.train_loader
     while state.step < setup.total_steps:
         epoch, offset = divmod(state.step, setup.steps_per_epoch)
         loader.sampler.set_position(epoch, offset * loader.batch_size)
         for x, y in loader:
-            if state.step >= setup.total_steps:
-                break
+            if state.step >= setup.total_steps or _stop_requested(setup):
+                return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
             _step(setup, state, progress, x, y)
 

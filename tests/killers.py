@@ -69,3 +69,19 @@ def wrong_shape_init(ctx: GrowthContext) -> NewChannels:
     producer = ctx.group.producers[0]
     new.fan_in[producer] = new.fan_in[producer].repeat_interleave(2, dim=0)[: ctx.k + 1]
     return new
+
+
+class SignalAtStep(Schedule):
+    """The run's Schedule, plus ``times`` signals ``signum`` to the process when step
+    ``step`` begins (what Ctrl-C or a batch scheduler sends), once (``marker``)."""
+
+    def __init__(self, mutations, step: int, signum: int, marker: str, times: int = 1) -> None:
+        super().__init__(mutations)
+        self.signal_step, self.signum, self.marker, self.times = step, signum, marker, times
+
+    def decide(self, state: TrainState):
+        if state.step == self.signal_step and not Path(self.marker).exists():
+            Path(self.marker).write_text("signalled\n")
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+        return super().decide(state)

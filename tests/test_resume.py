@@ -120,6 +120,49 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
     assert_same_run(reference, record(run_dir))
 
 
+STOPS = {  # signal, how many at once, exit code, the checkpoint the run leaves, its message
+    "SIGTERM (or one Ctrl-C)": (signal.SIGTERM, 1, 143, 21, "interrupted at step 21"),
+    "Ctrl-C twice": (
+        signal.SIGINT,
+        2,
+        130,
+        18,
+        "interrupted during step 20; resume continues from step 18",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_a_stopped_run_says_how_to_go_on_and_resumes_exactly(
+    reference: dict, tmp_path: Path, how: str
+) -> None:
+    """Ctrl-C or a scheduler's SIGTERM: one line, exit 128 + signal, status interrupted, a
+    checkpoint before the next step (a second Ctrl-C: at once, from the last checkpoint)."""
+    signum, times, code, step, message = STOPS[how]
+    args = [
+        f"+policy.{k}={v}" for k, v in {"step": 20, "signum": int(signum), "times": times}.items()
+    ]
+    stopped = dynarch(
+        tmp_path,
+        "run",
+        *BASE,
+        schedule(),
+        "policy._target_=killers.SignalAtStep",
+        f"+policy.marker={tmp_path / 'signalled'}",
+        *args,
+    )
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert stopped.returncode == code, stopped.stderr
+    assert stopped.stderr.strip().splitlines() == [
+        f"dynarch: {message}; continue with: dynarch run resume={run_dir}"
+    ]
+    assert HistoryReader(run_dir / "history.db").run()["status"] == "interrupted"
+    assert read_checkpoint(run_dir / "checkpoint.pt")["step"] == step
+    resumed = dynarch(tmp_path, "run", f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(reference, record(run_dir))
+
+
 def test_resume_refuses_other_overrides_and_missing_runs(tmp_path: Path) -> None:
     line = one_error_line(dynarch(tmp_path, "run", f"resume={tmp_path}/nope"))
     assert "no dynarch run at" in line and "nope" in line
