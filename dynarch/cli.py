@@ -8,6 +8,7 @@ architecture. Mistakes the user can fix end in one ``dynarch: error: ...`` line 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import tempfile
@@ -141,11 +142,19 @@ def _instantiate_policy(node: DictConfig) -> Policy:
         policy = instantiate(node, _convert_="all")
     except InstantiationException as exc:
         cause = exc.__cause__
-        detail = str(cause).strip().splitlines()[0] if cause and str(cause).strip() else None
-        raise ConfigError(f"policy: {detail or str(exc).strip().splitlines()[0]}") from None
+        detail = _joined_lines(cause) if cause is not None and str(cause).strip() else None
+        raise ConfigError(f"policy: {detail or _joined_lines(exc)}") from None
     if not callable(getattr(policy, "decide", None)):
         raise ConfigError(f"policy: {type(policy).__name__} has no decide(state) method")
     return policy
+
+
+def _joined_lines(exc: BaseException) -> str:
+    """Hydra's "Error loading 'x.Y':" and the line that says why, as one line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _process_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
@@ -307,6 +316,15 @@ def _checked_command_line(args: list[str]) -> tuple[list[str], str | None]:
     return args, problem
 
 
+def _import_from_here() -> None:
+    """Modules in the current directory import (``model._target_=my_models.Net``,
+    ``policy._target_=my_policy.Mine``) as with ``python -m``; the ``dynarch`` script alone
+    would not look there."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -319,6 +337,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dynarch`` console script and ``python -m dynarch``."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _import_from_here()
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0)

@@ -29,7 +29,7 @@ from dynarch.data import DataSplits, load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
-from dynarch.models import build_model, count_params
+from dynarch.models import build_model, build_target, count_params, model_name
 from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
 from dynarch.run_state import RunState, read_checkpoint
 from dynarch.stopping import RunInterrupted, StopRequest
@@ -315,12 +315,13 @@ def _loaders(
 def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.device) -> nn.Module:
     """The configured model for the data's classes, channels and image size, on ``device``."""
     kwargs = dict(model_cfg.get("kwargs") or {})
-    if model_cfg.get("width") is not None:
-        kwargs["width"] = model_cfg["width"]
+    data = (splits.num_classes, splits.in_channels, splits.image_size)
     try:
-        return build_model(
-            model_cfg["name"], splits.num_classes, splits.in_channels, splits.image_size, **kwargs
-        ).to(device)
+        if model_cfg.get("_target_"):
+            return build_target(model_cfg["_target_"], *data, **kwargs).to(device)
+        if model_cfg.get("width") is not None:
+            kwargs["width"] = model_cfg["width"]
+        return build_model(model_cfg["name"], *data, **kwargs).to(device)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
 
@@ -352,7 +353,7 @@ def _starting_state(
         state.load_state_dict(saved)
     _open_history(setup, state, saved)
     setup.log(
-        f"{cfg['model']['name']} on {cfg['data']['name']}: {setup.params_before} params, "
+        f"{model_name(cfg['model'])} on {cfg['data']['name']}: {setup.params_before} params, "
         f"{setup.total_steps} steps ({setup.steps_per_epoch}/epoch), "
         f"policy {type(policy).__name__}, device {setup.device}"
     )

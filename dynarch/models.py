@@ -7,6 +7,8 @@ prune requests, logs and checkpoints refer to modules by name.
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -266,6 +268,47 @@ def build_model(
     raise ValueError(f"unknown model {name!r}; {hint}")
 
 
+def build_target(
+    target: str, num_classes: int, in_channels: int, image_size: int, **kwargs: object
+) -> nn.Module:
+    """A user's model class (or function) by import path, ``pkg.module.Class``, called with
+    ``kwargs`` plus whichever of ``num_classes``, ``in_channels`` and ``image_size`` it takes
+    and ``kwargs`` does not give; then checked on a blank input like the built-ins."""
+    builder = _locate(target)
+    data = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    given = {k: v for k, v in data.items() if k in parameters and k not in kwargs}
+    model = builder(**given, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{target} returned {type(model).__name__}, not an nn.Module")
+    _check_input_fits(model, target, num_classes, in_channels, image_size)
+    return model
+
+
+def _locate(target: str) -> object:
+    """``pkg.module.Name`` imported: the longest importable module prefix, then attributes."""
+    parts = target.split(".")
+    problem = f"{target!r} is not a dotted path like my_models.MyNet"
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            problem = str(exc)
+            continue
+        except Exception as exc:  # the user's module failed while importing
+            raise ValueError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from None
+        try:
+            for name in parts[cut:]:
+                found = getattr(found, name)
+        except AttributeError as exc:
+            raise ValueError(f"cannot import {target!r}: {exc}") from None
+        return found
+    raise ValueError(f"cannot import {target!r}: {problem}")
+
+
 def _check_input_fits(
     model: nn.Module, name: str, num_classes: int, in_channels: int, image_size: int
 ) -> None:
@@ -290,6 +333,11 @@ def _check_input_fits(
         )
 
 
+def model_name(model_cfg: dict) -> str:
+    """What the run's log calls the model: the user's class path, or the built-in's name."""
+    return str(model_cfg.get("_target_") or model_cfg["name"])
+
+
 def count_params(model: nn.Module) -> int:
     """Total number of parameters, the size measure growth and pruning move."""
     return sum(p.numel() for p in model.parameters())
@@ -305,13 +353,41 @@ def _torchvision_names() -> list[str]:
 def _build_torchvision(
     name: str, num_classes: int, in_channels: int, **kwargs: object
 ) -> nn.Module:
-    """Untrained torchvision classifier, its first conv swapped when the input isn't RGB."""
+    """A torchvision classifier, its first conv adapted when the input isn't RGB. Untrained,
+    or with ``weights`` (e.g. ``"DEFAULT"``, torchvision's names): the pretrained net with a
+    new last linear layer for ``num_classes`` and, for other than 3 input channels, a first
+    conv whose kernels are the pretrained ones averaged over RGB (summed, for one channel)."""
     import torchvision
 
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+    builder = getattr(torchvision.models, name)
+    weights = kwargs.pop("weights", None)
+    if weights is None:
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+        if in_channels != 3:
+            _replace_first_conv(model, in_channels, name)
+        return model
+    model = builder(weights=weights, **kwargs)
+    _replace_last_linear(model, num_classes, name)
     if in_channels != 3:
-        _replace_first_conv(model, in_channels, name)
+        rgb = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight.detach()
+        conv = _replace_first_conv(model, in_channels, name)
+        with torch.no_grad():
+            conv.weight.copy_(rgb.mean(1, keepdim=True).expand_as(conv.weight) * 3 / in_channels)
     return model
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int, model_name: str) -> None:
+    """A new, untrained last ``nn.Linear`` with ``num_classes`` outputs (a pretrained head's
+    classes are not the data's)."""
+    last = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"torchvision:{model_name} has no Linear head to give {num_classes} classes")
+    qualified, head = last[-1]
+    if head.out_features == num_classes:
+        return
+    parent_name, _, attr = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
 
 def conv_like(conv: nn.Conv2d, in_channels: int | None = None) -> nn.Conv2d:
@@ -332,7 +408,7 @@ def conv_like(conv: nn.Conv2d, in_channels: int | None = None) -> nn.Conv2d:
     )
 
 
-def _replace_first_conv(model: nn.Module, in_channels: int, model_name: str) -> None:
+def _replace_first_conv(model: nn.Module, in_channels: int, model_name: str) -> nn.Conv2d:
     """Swap the first Conv2d for one with ``in_channels`` inputs and identical other settings."""
     for qualified, module in model.named_modules():
         if not isinstance(module, nn.Conv2d):
@@ -346,7 +422,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int, model_name: str) -> 
         parent_name, _, attr = qualified.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, replacement)
-        return
+        return replacement
     raise ValueError(f"torchvision:{model_name} has no Conv2d to adapt to {in_channels} channels")
 
 

@@ -176,6 +176,53 @@ def test_own_policy_by_target(tmp_path: Path) -> None:
     ]
 
 
+OWN_MODEL = """
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, in_channels, hidden=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.head = nn.Sequential(
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x):
+        return self.head(self.conv2(self.bn1(self.conv1(x)).relu()))
+"""
+
+
+def test_own_model_and_policy_from_the_current_directory(tmp_path: Path) -> None:
+    """``model._target_`` builds a user's class (given the data's classes and channels); the
+    ``dynarch`` script imports it, and a policy, from where it runs, without PYTHONPATH=."""
+    (tmp_path / "my_models.py").write_text(OWN_MODEL)
+    (tmp_path / "my_policy.py").write_text(
+        "from dynarch.policies import Mutation\n\n\n"
+        "class GrowOnce:\n"
+        "    def decide(self, state):\n"
+        "        step5 = state.step == 5\n"
+        '        return [Mutation("grow", "conv1", 2, init="zeros", reason="mine")] * step5\n'
+    )
+    script = Path(sys.executable).parent / "dynarch"
+    args = ["run", "model._target_=my_models.TinyNet", "+model.kwargs.hidden=6", "policy=static"]
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [script, *args, "policy._target_=my_policy.GrowOnce", "trainer.steps=8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "my_models.TinyNet on digits: 472 params" in result.stdout
+    events = HistoryReader(run_dir_of(result) / "history.db").events()
+    assert [(e["step"], e["target"], e["width_after"]) for e in events] == [(5, "conv1", 8)]
+    wrong = dynarch(tmp_path, "run", "model._target_=my_models.TinyNett")
+    assert one_error_line(wrong).endswith(
+        "model: cannot import 'my_models.TinyNett': module 'my_models' has no attribute 'TinyNett'"
+    )
+
+
 def test_unknown_target_fails_before_training(tmp_path: Path) -> None:
     line = one_error_line(
         dynarch(

@@ -151,3 +151,26 @@ def test_wrn_rejects_a_depth_that_is_not_6n_plus_4() -> None:
 
     with pytest.raises(ValueError, match="6n \\+ 4"):
         wrn(depth=27)
+
+
+def test_pretrained_torchvision_weights_get_a_new_head_and_a_grey_first_conv(
+    tmp_path, monkeypatch
+) -> None:
+    """``model.kwargs.weights=DEFAULT`` used to fail ("got multiple values for keyword
+    argument 'weights'"). The weights come from torch.hub's cache (no network here): a file
+    written where torchvision looks for resnet18's, so the loaded values are known."""
+    import torchvision
+
+    torch.manual_seed(0)
+    pretrained = torchvision.models.resnet18().state_dict()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(pretrained, cache / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = build_model("torchvision:resnet18", 10, 1, 32, weights="DEFAULT")
+    state = model.state_dict()
+    assert torch.equal(state["layer3.1.conv2.weight"], pretrained["layer3.1.conv2.weight"])
+    assert torch.equal(state["bn1.running_var"], pretrained["bn1.running_var"])
+    assert model.fc.out_features == 10 and model.fc.in_features == 512
+    # one grey channel sees what the RGB kernels saw of a grey image (R = G = B)
+    torch.testing.assert_close(state["conv1.weight"], pretrained["conv1.weight"].sum(1, True))
