@@ -381,7 +381,9 @@ def _replace_last_linear(model: nn.Module, num_classes: int, model_name: str) ->
     classes are not the data's)."""
     last = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise ValueError(f"torchvision:{model_name} has no Linear head to give {num_classes} classes")
+        raise ValueError(
+            f"torchvision:{model_name} has no Linear head to give {num_classes} classes"
+        )
     qualified, head = last[-1]
     if head.out_features == num_classes:
         return
