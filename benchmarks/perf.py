@@ -8,6 +8,7 @@ medians of per-round ratios; memory is measured in fresh subprocesses.
     python benchmarks/perf.py p1 --repeats 60 --threads 1
     python benchmarks/perf.py p3 --repeats 15 --threads 1 --profile
     python benchmarks/perf.py p4 --repeats 30 --threads 1
+    python benchmarks/perf.py p4 --repeats 15 --threads 1 --exported
     python benchmarks/perf.py memory --repeats 3
 
 Results, with the machine and the reading of each number: docs/benchmarks.md.
@@ -46,6 +47,7 @@ from dynarch.graph import ArchGraph, remember_example_inputs
 from dynarch.models import conv_like, count_params, vgg_small
 from dynarch.policies.base import Policy, count_macs
 from dynarch.policies.schedule import Schedule, Static
+from dynarch.trained import fold_batchnorm
 
 Step = Callable[[], float]
 
@@ -581,6 +583,14 @@ def infer(model: nn.Module, x: torch.Tensor) -> Step:
     return step
 
 
+def exported(model: nn.Module, x1: torch.Tensor) -> nn.Module:
+    """``model`` with BatchNorm folded into its convs, through torch.export (batch dynamic)."""
+    folded = fold_batchnorm(model)
+    two = x1.expand(2, *x1.shape[1:])
+    program = torch.export.export(folded, (two,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    return program.module()
+
+
 def run_p4(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label in args.models:
@@ -596,6 +606,8 @@ def run_p4(args: argparse.Namespace) -> dict[str, Any]:
         macs_dense, macs_pruned = count_macs(dense.train()), count_macs(pruned.train())
         dense.eval(), pruned.eval()
         params_dense, params_pruned = count_params(dense), count_params(pruned)
+        if args.exported:  # what `dynarch export --fold-bn` gives: BatchNorm folded, torch.export
+            dense, pruned, static = (exported(m, x1) for m in (dense, pruned, static))
         for n in args.batches:
             x = batch(n, channels, size)[0]
             times = interleaved(
@@ -762,6 +774,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
         default=["vgg_small w=32 32x32", "vgg_small w=64 32x32", "resnet18 32x32"],
     )
     sub.choices["p4"].add_argument("--batches", type=int, nargs="+", default=[64, 1])
+    sub.choices["p4"].add_argument(
+        "--exported", action="store_true", help="time BatchNorm-folded torch.export programs"
+    )
     child = sub.add_parser("memory-child")
     child.add_argument("--case", required=True)
     child.add_argument("--work", required=True)

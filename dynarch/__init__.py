@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from dynarch.surgery.grow import grow  # noqa: F401
     from dynarch.surgery.prune import prune  # noqa: F401
     from dynarch.surgery.record import MutationRecord  # noqa: F401
+    from dynarch.trained import load  # noqa: F401
 
 _HOMES = {
     "ArchGraph": "dynarch.graph",
@@ -38,6 +39,7 @@ _HOMES = {
     "NewChannels": "dynarch.growth_context",
     "deepen": "dynarch.surgery.deepen",
     "grow": "dynarch.surgery.grow",
+    "load": "dynarch.trained",
     "prune": "dynarch.surgery.prune",
     "register_initializer": "dynarch.initializers",
     "register_layer_kind": "dynarch.layer_kinds",

@@ -8,6 +8,7 @@ architecture. Mistakes the user can fix end in one ``dynarch: error: ...`` line 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ register()
 USAGE = (
     "usage: dynarch run [hydra overrides...]  (e.g. dynarch run trainer.epochs=3 model.width=8)"
     " | dynarch query RUN_DIR COMMAND (see dynarch query --help)"
+    " | dynarch export RUN_DIR [--format torchscript|onnx|state_dict] [--fold-bn]"
 )
 
 
@@ -53,6 +55,9 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+
+# The run's lines: console and run.log (configs/hydra/job_logging/dynarch.yaml)
+_LOG = logging.getLogger("dynarch")
 
 # Messages of failed jobs; a multirun keeps going and exits 1 at the end.
 _failures: list[str] = []
@@ -90,7 +95,7 @@ def _run_app(cfg: DictConfig) -> None:
             policy = _instantiate_policy(cfg.policy)
         from dynarch.controller import run  # torch: only once the command line is valid
 
-        summary = run(plain, policy, run_dir, resume=resume)
+        summary = run(plain, policy, run_dir, log=_LOG.info, resume=resume)
     except RunInterrupted as exc:  # checkpointed and marked; a sweep stops here too
         if launched_ranks()[0] == 0:
             print(f"dynarch: {exc}; continue with: dynarch run resume={run_dir}", file=sys.stderr)
@@ -105,12 +110,12 @@ def _run_app(cfg: DictConfig) -> None:
         return
     if launched_ranks()[0] != 0:
         return
-    print(
+    _LOG.info(
         f"final test accuracy {summary.test_accuracy:.4f} (loss {summary.test_loss:.4f}), "
         f"params {summary.params_before} -> {summary.params_after}, "
         f"{summary.mutations} mutations, {summary.steps} steps, {summary.seconds:.1f} s"
     )
-    print(f"run written to {run_dir}")
+    _LOG.info(f"run written to {run_dir}")
 
 
 def _run_row(run_dir: Path) -> dict[str, Any]:
@@ -348,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         from dynarch.query_cli import main as query_main
 
         sys.exit(query_main(args[1:]))
+    if args and args[0] == "export":
+        from dynarch.export_cli import main as export_main
+
+        sys.exit(export_main(args[1:]))
     if not args or args[0] != "run":
         print(USAGE, file=sys.stderr)
         sys.exit(2)

@@ -29,14 +29,16 @@ from dynarch.data import DataSplits, load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
-from dynarch.models import build_model, build_target, count_params, model_name
+from dynarch.models import build_from_config, count_params, model_name
 from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
+from dynarch.run_logs import TensorBoardLog, write_metrics_csv
 from dynarch.run_state import RunState, read_checkpoint
 from dynarch.stopping import RunInterrupted, StopRequest
 from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
+from dynarch.trained import write_model_spec
 
 
 @dataclass
@@ -228,6 +230,8 @@ def run(
     setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
     with setup.stop:
         state = _starting_state(setup, policy, model, graph, resume)
+        if trainer["tensorboard"] and procs.is_main:
+            state.board = TensorBoardLog(run_dir, state.step)
         progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
         _train_to_the_end(setup, state, progress)
     if procs.is_main:
@@ -314,14 +318,9 @@ def _loaders(
 
 def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.device) -> nn.Module:
     """The configured model for the data's classes, channels and image size, on ``device``."""
-    kwargs = dict(model_cfg.get("kwargs") or {})
     data = (splits.num_classes, splits.in_channels, splits.image_size)
     try:
-        if model_cfg.get("_target_"):
-            return build_target(model_cfg["_target_"], *data, **kwargs).to(device)
-        if model_cfg.get("width") is not None:
-            kwargs["width"] = model_cfg["width"]
-        return build_model(model_cfg["name"], *data, **kwargs).to(device)
+        return build_from_config(model_cfg, *data).to(device)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
 
@@ -359,6 +358,8 @@ def _starting_state(
     )
     if saved is None:
         _checkpoint(setup, state)  # step 0: a run killed before its first periodic one resumes
+        if setup.procs.is_main:
+            write_model_spec(setup.run_dir, setup.cfg["model"], setup.splits)
     return state
 
 
@@ -417,6 +418,8 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
     finally:
         if progress is not None:
             progress.close()
+        if state.board is not None:
+            state.board.close()
         state.history.close()
         distributed.stop(together=completed)
 
@@ -515,9 +518,10 @@ def _apply_and_record(
         else f"{m.op} {m.target} by {record.k} ({record.method}): "
         f"width {record.width_before} -> {record.width_after}"
     )
-    setup.log(
-        f"  step {step}: {what}, params {record.params_before} -> {record.params_after}{reason}"
-    )
+    line = f"step {step}: {what}, params {record.params_before} -> {record.params_after}{reason}"
+    setup.log(f"  {line}")
+    if state.board is not None:
+        state.board.mutation(step, line)
 
 
 def _replay_entry(record: MutationRecord) -> dict[str, Any]:
@@ -608,6 +612,9 @@ def _evaluate_and_record(setup: RunSetup, state: RunState) -> None:
     state.metrics.append(row)
     values = {k: v for k, v in row.items() if k not in ("step", "epoch")}
     state.history.log_metrics(state.step, row["epoch"], "eval", values)
+    write_metrics_csv(setup.run_dir, state.metrics)
+    if state.board is not None:
+        state.board.evaluation(row, state.graph.widths())
     setup.log(
         f"epoch {row['epoch']:.2f}: train_loss {row['train_loss']:.4f}  "
         f"test_loss {state.test_loss:.4f}  test_acc {state.test_accuracy:.4f}  "

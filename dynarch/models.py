@@ -333,6 +333,19 @@ def _check_input_fits(
         )
 
 
+def build_from_config(
+    model_cfg: dict, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The model a run's ``model`` config section names: a user's ``_target_``, or a built-in
+    by ``name`` with ``width`` and ``kwargs``."""
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    if model_cfg.get("_target_"):
+        return build_target(model_cfg["_target_"], num_classes, in_channels, image_size, **kwargs)
+    if model_cfg.get("width") is not None:
+        kwargs["width"] = model_cfg["width"]
+    return build_model(model_cfg["name"], num_classes, in_channels, image_size, **kwargs)
+
+
 def model_name(model_cfg: dict) -> str:
     """What the run's log calls the model: the user's class path, or the built-in's name."""
     return str(model_cfg.get("_target_") or model_cfg["name"])

@@ -22,6 +22,7 @@ from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import count_params
 from dynarch.policies.base import Policy, count_macs
+from dynarch.run_logs import TensorBoardLog
 
 
 class NoHistory:
@@ -77,6 +78,7 @@ class RunState:
     last_checkpoint: int | None = _carried(default=None)  # its step, for error messages
     test_loss: float = _carried(default=float("nan"))  # of the last evaluation
     test_accuracy: float = _carried(default=float("nan"))
+    board: TensorBoardLog | None = _carried(default=None)  # trainer.tensorboard
 
     def __post_init__(self, schedule: Callable[[int], float]) -> None:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -15,6 +15,7 @@ MAX_FUNCTION_LINES = 80
 LAZY = {
     ("dynarch.cli", "dynarch.controller"),
     ("dynarch.cli", "dynarch.query_cli"),
+    ("dynarch.cli", "dynarch.export_cli"),
     ("dynarch.query_cli", "dynarch.plots"),
     ("dynarch.data", "dynarch.models"),
 }

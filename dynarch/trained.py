@@ -1,0 +1,156 @@
+"""The trained model back out of a run: ``dynarch.load(run)`` and ``dynarch export``.
+
+A run directory holds the model's recipe (``model.json``: the ``model`` config section and the
+data's classes, channels and image size, written when the run starts) and its checkpoint (the
+mutations so far and the weights). Loading builds the model from the recipe, replays the
+mutations with the same surgery (so every shape, inserted layer and renamed forward is back)
+and loads the weights. Export writes a file that runs without dynarch: TorchScript (traced),
+ONNX (optional extra), or the plain state dict; BatchNorm can be folded into the convs first.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynarch import checkpoint
+from dynarch.errors import DynarchError
+from dynarch.history_store import HistoryReader
+from dynarch.models import build_from_config
+
+SPEC = "model.json"
+_SPEC_KEYS = {"model": dict, "num_classes": int, "in_channels": int, "image_size": int}
+# pt2: torch.export's ExportedProgram (torch.export.load); torchscript: traced (deprecated by
+# PyTorch since 2.9, still read by torch.jit.load and C++ libtorch)
+FORMATS = ("pt2", "torchscript", "onnx", "state_dict")
+
+
+class LoadError(DynarchError):
+    """A run whose model cannot be rebuilt or exported; the message names the file."""
+
+
+def write_model_spec(run_dir: Path, model_cfg: dict[str, Any], splits: Any) -> None:
+    """The recipe :func:`load` rebuilds the model from (no data set needed then)."""
+    spec = {
+        "model": model_cfg,
+        "num_classes": splits.num_classes,
+        "in_channels": splits.in_channels,
+        "image_size": splits.image_size,
+    }
+    (run_dir / SPEC).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+
+
+def read_model_spec(run_dir: Path) -> dict[str, Any]:
+    """``model.json``, its keys and types checked."""
+    path = run_dir / SPEC
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(
+            f"no {SPEC} in {run_dir} (not a run dir, or a run from before it)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{path} is not readable JSON ({type(exc).__name__})") from None
+    for key, kind in _SPEC_KEYS.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get(key), kind):
+            raise LoadError(f"{path}: {key!r} missing or not a {kind.__name__}")
+    return spec
+
+
+def example_input(spec: dict[str, Any]) -> torch.Tensor:
+    """One blank input of the run's shape (what tracing and export need)."""
+    return torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+
+
+def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.Module:
+    """The run's model on the CPU, in eval mode: its final architecture and weights (those of
+    the last checkpoint: the end of a completed run). ``step``: the architecture in force at
+    that step; its weights exist only for the checkpoint's step, so other steps need
+    ``weights=False`` (the shapes, freshly initialised)."""
+    run_dir = Path(run)
+    spec = read_model_spec(run_dir)
+    saved = checkpoint.load(run_dir / checkpoint.FILENAME, required=("mutations", "model", "step"))
+    mutations = saved["mutations"]
+    if step is not None and step != saved["step"]:
+        if weights:
+            raise LoadError(
+                f"{run_dir}: weights are kept for step {saved['step']} only (the last checkpoint); "
+                f"load(..., step={step}, weights=False) gives that step's architecture"
+            )
+        mutations = mutations[: _mutations_until(run_dir, step)]
+    example = example_input(spec)
+    try:
+        model = build_from_config(spec["model"], *(spec[k] for k in list(_SPEC_KEYS)[1:]))
+        checkpoint.replay(model, mutations, example)
+        if weights and mutations is saved["mutations"]:
+            model.load_state_dict(saved["model"])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise LoadError(f"{run_dir}: cannot rebuild the model: {_first_line(exc)}") from None
+    return model.eval()
+
+
+def _mutations_until(run_dir: Path, step: int) -> int:
+    """How many mutations the run had applied before step ``step``'s update."""
+    reader = HistoryReader(run_dir / "history.db")
+    try:
+        return sum(1 for e in reader.events() if e["step"] <= step)
+    finally:
+        reader.close()
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every BatchNorm that follows a conv folded into it (torch.fx):
+    the same outputs, fewer layers at inference."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception as exc:  # not symbolically traceable (data-dependent control flow)
+        raise LoadError(f"cannot fold BatchNorm: {_first_line(exc)}") from None
+
+
+def export(
+    model: nn.Module, example: torch.Tensor, fmt: str, path: Path, fold_bn: bool = False
+) -> Path:
+    """Write ``model`` (eval mode) as ``fmt`` to ``path``; the file runs without dynarch
+    (``state_dict`` excepted: it needs the architecture, e.g. from :func:`load`)."""
+    if fmt not in FORMATS:
+        raise LoadError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    model = fold_batchnorm(model) if fold_bn else model.eval()
+    batch = example.expand(2, *example.shape[1:])  # a batch of one would fix the batch size
+    if fmt == "state_dict":
+        torch.save(model.state_dict(), path)
+    elif fmt == "pt2":
+        dims = ({0: torch.export.Dim("batch")},)
+        torch.export.save(torch.export.export(model, (batch,), dynamic_shapes=dims), str(path))
+    elif fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # asked for by name
+            torch.jit.save(torch.jit.trace(model, batch), str(path))
+    else:
+        _export_onnx(model, batch, path)
+    return path
+
+
+def _export_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
+    try:  # torch.onnx's exporter writes through these
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise LoadError(
+            "ONNX export needs onnx and onnxscript: pip install 'dynarch[onnx]'"
+        ) from None
+    torch.onnx.export(
+        model, (batch,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+    )  # fmt: skip
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
