@@ -81,6 +81,9 @@ def _run_app(cfg: DictConfig) -> None:
     try:
         if resume:  # the run's own config, as it started; only its checkpoint moves it on
             before = _run_row(run_dir)
+            if before["status"] == "completed":
+                _LOG.info(f"{run_dir} is complete; nothing to resume")
+                return
             plain = before["config"]
             policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
         else:

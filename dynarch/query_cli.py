@@ -6,7 +6,8 @@
     dynarch query RUN_DIR plot [--out DIR] [--format png|svg]   (default: RUN_DIR/plots)
 
 RUN_DIR may be ``latest``: the run under ./runs that started last.
-    dynarch query compare RUN_DIR RUN_DIR...
+    dynarch query compare RUN_DIR RUN_DIR...   (or a sweep's directory: its runs)
+    dynarch query list [DIR]                  (every run under DIR, default ./runs)
 
 Tables are aligned text; ``--json`` prints JSON for scripts. Any mistake (missing directory, not
 a history, unknown step or subcommand) is one ``dynarch: error: ...`` line and exit code 2.
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _list_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dynarch query list", description="Every run under DIR, oldest first.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="default: ./runs")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return p
+
+
 def _compare_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dynarch query compare", description="Compare runs side by side.")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -108,7 +116,11 @@ def _flat(v: Any) -> Any:
 def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] == "compare":
         args = _compare_parser().parse_args(argv[1:])
-        _print(compare(*args.runs), args.json)
+        _print(compare(*runs_in(args.runs)), args.json)
+        return
+    if argv and argv[0] == "list":
+        args = _list_parser().parse_args(argv[1:])
+        _print(run_list(args.dir), args.json)
         return
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
@@ -142,6 +154,66 @@ def _dispatch(argv: list[str]) -> None:
             out = args.out if args.out is not None else _run_dir(args.run_dir) / "plots"
             for path in plot_all(h, out, fmt=args.format, step=args.at):
                 print(path)
+
+
+def runs_in(paths: list[str]) -> list[Path]:
+    """The runs among ``paths``: a run dir or its history.db as given, a directory of runs
+    (a sweep's) expanded to its runs in order; anything else (multirun.yaml, .hydra) left
+    out. ``latest`` is resolved."""
+    found: list[Path] = []
+    for given in paths:
+        path = resolve_run(given)
+        if (path / "history.db").is_file() or path.name == "history.db":
+            found.append(path)
+        elif path.is_dir():
+            found += sorted((db.parent for db in path.glob("*/history.db")), key=_run_order)
+    if not found:
+        raise _UsageError(f"no runs in {', '.join(paths)} (a run dir holds history.db)")
+    return found
+
+
+def _run_order(path: Path) -> tuple[int, str]:
+    return (int(path.name), "") if path.name.isdigit() else (1 << 62, path.name)
+
+
+def run_list(root: Path) -> Table:
+    """Every run under ``root``, oldest first: status, steps, accuracy, params; a run dir
+    whose start failed before its history existed shows its FAILED message."""
+    if not root.is_dir():
+        raise _UsageError(f"no directory {root}")
+    dirs = {p.parent for p in root.rglob("history.db")} | {p.parent for p in root.rglob("FAILED")}
+    rows = []
+    for run in sorted(dirs, key=_started_at):
+        name = str(run.relative_to(root))
+        if not (run / "history.db").is_file():
+            message = (run / "FAILED").read_text(encoding="utf-8").strip()
+            rows.append((name, "failed", None, None, None, message))
+            continue
+        with History(run) as h:
+            s = h.summary()
+        failed = (
+            (run / "FAILED").read_text(encoding="utf-8").strip()
+            if (run / "FAILED").is_file()
+            else None
+        )
+        rows.append(
+            (
+                name,
+                s["status"],
+                s["last_step"],
+                s["accuracy_final"],
+                s["params_final"],
+                failed or s.get("message"),
+            )
+        )
+    return Table(("run", "status", "steps", "accuracy", "params", "message"), rows)
+
+
+def _started_at(run: Path) -> float:
+    for name in ("config.yaml", "history.db", "FAILED"):
+        if (run / name).is_file():
+            return (run / name).stat().st_mtime
+    return 0.0
 
 
 def resolve_run(name: str, runs: Path = Path("runs")) -> Path:

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynarch import checkpoint
+from dynarch.checkpoint import FILENAME as CHECKPOINT
+from dynarch.checkpoint import load as load_checkpoint
+from dynarch.checkpoint import replay
 from dynarch.errors import DynarchError
 from dynarch.history_store import HistoryReader
 from dynarch.models import build_from_config
@@ -74,7 +76,7 @@ def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.M
     ``weights=False`` (the shapes, freshly initialised)."""
     run_dir = Path(run)
     spec = read_model_spec(run_dir)
-    saved = checkpoint.load(run_dir / checkpoint.FILENAME, required=("mutations", "model", "step"))
+    saved = load_checkpoint(run_dir / CHECKPOINT, required=("mutations", "model", "step"))
     mutations = saved["mutations"]
     if step is not None and step != saved["step"]:
         if weights:
@@ -86,7 +88,7 @@ def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.M
     example = example_input(spec)
     try:
         model = build_from_config(spec["model"], *(spec[k] for k in list(_SPEC_KEYS)[1:]))
-        checkpoint.replay(model, mutations, example)
+        replay(model, mutations, example)
         if weights and mutations is saved["mutations"]:
             model.load_state_dict(saved["model"])
     except (ValueError, TypeError, RuntimeError) as exc:
