@@ -32,6 +32,8 @@ class DataConfig:
     root: str = "~/.cache/dynarch"  # torchvision download directory
     download: bool = True
     test_fraction: float = 0.2  # digits / teacher_student split
+    augment: bool = False  # random crop (padding 4) + horizontal flip of training batches
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass

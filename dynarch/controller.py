@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
-from dynarch.data import DataSplits, load_data, make_loaders
+from dynarch.data import DataSplits, augment, load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
@@ -265,7 +265,7 @@ def _set_up(
         seed=trainer["seed"],
         test_fraction=data_cfg["test_fraction"],
     )
-    train_loader, test_loader = _loaders(splits, trainer, procs)
+    train_loader, test_loader = _loaders(splits, trainer, procs, data_cfg["num_workers"])
     model = _build_model(cfg["model"], splits, device)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)
@@ -300,7 +300,7 @@ def _set_up(
 
 
 def _loaders(
-    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes
+    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes, workers: int
 ) -> tuple[Any, Any]:
     """This process's training loader (its share of every global batch) and the test loader."""
     batch_size = trainer["batch_size"]
@@ -311,8 +311,15 @@ def _loaders(
             f"trainer.batch_size {batch_size} must be divisible by the {procs.world} "
             "processes (it is the global batch)"
         )
+    if workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {workers}")
     return make_loaders(
-        splits, batch_size, seed=trainer["seed"], rank=procs.rank, world=procs.world
+        splits,
+        batch_size,
+        seed=trainer["seed"],
+        num_workers=workers,
+        rank=procs.rank,
+        world=procs.world,
     )
 
 
@@ -450,6 +457,8 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
             if state.step >= setup.total_steps or _stop_requested(setup):
                 return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+            if setup.cfg["data"]["augment"]:
+                x = augment(x, setup.trainer["seed"] + setup.procs.rank, state.step)
             _step(setup, state, progress, x, y)
 
 

@@ -147,6 +147,24 @@ def make_loaders(
     return train, test
 
 
+def augment(x: torch.Tensor, seed: int, step: int, padding: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation of a training batch: a random crop of the image padded
+    by ``padding`` zeros, and a horizontal flip half of the time, per sample. The random
+    numbers are a pure function of ``(seed, step)``, drawn on the CPU, so a resumed run and a
+    loader with workers augment exactly as an uninterrupted single-process run."""
+    n, _, h, w = x.shape
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    crops = padded[batch, chans, rows, cols]
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
 def _normalize_nchw(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardise both splits per channel with the *train* statistics, so test data never leaks."""
     stats = train.to(torch.float64)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import dynarch, run_dir_of
 
-from dynarch.data import DataError, DataSplits, load_data, make_loaders
+from dynarch.data import DataError, DataSplits, augment, load_data, make_loaders
+from dynarch.history import HistoryReader
 
 CIFAR_SUBSET = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-10k.npz"
 
@@ -265,3 +267,44 @@ def test_train_loader_resumes_mid_epoch_with_the_same_batches() -> None:
     assert all(torch.equal(a, b) for a, (_, b) in zip(full[4:], train, strict=True))
     train.sampler.set_position(epoch=1)
     assert not torch.equal(torch.cat([y for _, y in train]), torch.cat(full))  # a new order
+
+
+def test_augment_crops_and_flips_each_sample_the_same_way_every_time() -> None:
+    """Every augmented sample is one of the 9 x 9 crops of its zero-padded image, flipped or
+    not; the choice depends on (seed, step) only, and both flips and many offsets occur."""
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = augment(x, seed=3, step=7)
+    assert torch.equal(out, augment(x, seed=3, step=7))
+    assert not torch.equal(out, augment(x, seed=3, step=8))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if torch.equal(
+                out[i],
+                padded[i, :, dy : dy + 8, dx : dx + 8].flip(-1)
+                if flip
+                else padded[i, :, dy : dy + 8, dx : dx + 8],
+            )  # fmt: skip
+        ]
+        assert matches, i
+        seen.add(matches[0])
+    assert {flip for *_, flip in seen} == {False, True} and len(seen) > 30
+
+
+def test_workers_and_augmentation_keep_a_run_reproducible(tmp_path: Path) -> None:
+    """``data.num_workers`` changes nothing in a run, augmentation included (its random
+    numbers come from (seed, step), not from the workers)."""
+    runs = []
+    for workers in (0, 2):
+        result = dynarch(
+            tmp_path, "run", "data.augment=true", f"data.num_workers={workers}", "trainer.steps=12"
+        )
+        assert result.returncode == 0, result.stderr
+        runs.append(HistoryReader(run_dir_of(result) / "history.db").metrics())
+    strip = [[{k: v for k, v in r.items() if k != "id"} for r in rows] for rows in runs]
+    assert strip[0] == strip[1] and len(strip[0]) >= 1
