@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+import torchvision
 from graph_formats import assert_networkx_round_trips, non_scalar_attributes
 
 import dynarch
@@ -545,3 +546,30 @@ def test_a_real_dynarch_run_is_queryable(tmp_path: Path) -> None:
     assert d.params_a == evals.column("params")[0] and d.params_b == evals.column("params")[1]
     summary = h.summary()
     assert summary["status"] == "completed" and summary["accuracy_final"] > 0.5
+
+
+def test_graph_layout_keeps_branches_off_the_main_column_and_drops_tracer_inputs() -> None:
+    """resnet18: every downsample sits right of the main column (its label cannot cross the
+    main column's, which are on the left); the linear weight's transpose the tracer adds is
+    not drawn; every stage gets one band, in order."""
+    from dynarch.plots import _drawn, _layers, _stages
+
+    model = torchvision.models.resnet18(num_classes=10)
+    graph = _drawn(dynarch.ArchGraph.from_module(model, torch.randn(1, 3, 32, 32)).nx)
+    sources = [n for n in graph if graph.in_degree(n) == 0]
+    assert sources == ["conv1"]
+    pos = _layers(graph)
+    assert all(pos[n][0] > 0 for n in graph if "downsample" in n)
+    assert all(pos[n][0] == 0 for n in graph if n.endswith((".conv1", ".conv2", ".bn2")))
+    assert len({pos[n] for n in graph}) == len(graph)  # no two nodes on one spot
+    assert [s for s, *_ in _stages(graph, pos)] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_widths_plot_has_one_panel_per_group(live: LiveRun) -> None:
+    from dynarch.plots import widths_figure
+
+    with dynarch.history.open(live.run_dir) as h:
+        groups, last = h.widths().columns[2:], h.widths().rows[-1][2:]
+        titles = [ax.get_title() for ax in widths_figure(h).axes if ax.get_title()]
+    assert [t.split()[0] for t in titles] == list(groups)
+    assert [int(t.split("→")[-1]) for t in titles] == list(last)
