@@ -81,10 +81,14 @@ def _run_app(cfg: DictConfig) -> None:
     try:
         if resume:  # the run's own config, as it started; only its checkpoint moves it on
             before = _run_row(run_dir)
-            if before["status"] == "completed":
-                _LOG.info(f"{run_dir} is complete; nothing to resume")
+            longer = _extension()
+            if before["status"] == "completed" and not longer:
+                _LOG.info(f"{run_dir} is complete; nothing to resume (extend it: {EXTEND})")
                 return
             plain = before["config"]
+            if longer:  # epochs replace steps and the other way round
+                plain["trainer"] |= {"epochs": plain["trainer"]["epochs"], "steps": None}
+                plain["trainer"] |= longer
             policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
         else:
             if launched_ranks()[0] == 0:
@@ -119,6 +123,16 @@ def _run_app(cfg: DictConfig) -> None:
         f"{summary.mutations} mutations, {summary.steps} steps, {summary.seconds:.1f} s"
     )
     _LOG.info(f"run written to {run_dir}")
+
+
+EXTEND = "dynarch run resume=DIR trainer.epochs=N (or trainer.steps=N) with more"
+_EXTENDING = ("trainer.epochs=", "trainer.steps=")
+
+
+def _extension() -> dict[str, int]:
+    """``trainer.epochs``/``trainer.steps`` given with ``resume=``: a longer run."""
+    given = [o for o in HydraConfig.get().overrides.task if o.startswith(_EXTENDING)]
+    return {o.split("=", 1)[0].removeprefix("trainer."): int(o.split("=", 1)[1]) for o in given}
 
 
 def _run_row(run_dir: Path) -> dict[str, Any]:
@@ -185,17 +199,23 @@ def _process_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
 
 def _resume_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
     """``resume=DIR`` runs in DIR itself (Hydra writes nothing new there); the run's config is
-    read from its history, so no other override may change it."""
+    read from its history, so no other override may change it but its length (a finished
+    run extended by ``trainer.epochs``/``trainer.steps``)."""
     given = [o for o in overrides if o.startswith("resume=")]
     if not given:
         return overrides, None
     run_dir = Path(given[-1].removeprefix("resume=")).expanduser().resolve()
-    others = [o for o in overrides if not o.startswith("resume=")]
+    longer = [o for o in overrides if o.startswith(_EXTENDING)]
+    others = [o for o in overrides if not o.startswith("resume=") and o not in longer]
     if others:
-        return overrides, f"resume= takes no other overrides (the run keeps its config): {others}"
+        return overrides, (
+            "resume= takes no other overrides than trainer.epochs/steps (the run keeps its "
+            f"config): {others}"
+        )
     if not (run_dir / "history.db").is_file():
         return overrides, f"resume: no dynarch run at {run_dir} (no history.db)"
-    return [f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"], None
+    where = [f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    return where + longer, None
 
 
 def composition_error(overrides: list[str], config_dir: str | None = None) -> str | None:

@@ -340,6 +340,11 @@ def _starting_state(
     to fit this run, so that one which does not changes nothing."""
     path = setup.run_dir / checkpoint.FILENAME
     saved = read_checkpoint(path) if resume else None
+    if saved is not None and saved["step"] > setup.total_steps:
+        raise ConfigError(
+            f"the run is at step {saved['step']} already; trainer.epochs/steps give "
+            f"{setup.total_steps} steps (extend it with more)"
+        )
     if saved is not None:
         checkpoint.restore_model(path, model, saved, setup.example)
         graph = ArchGraph.from_module(model, setup.example)
@@ -388,7 +393,7 @@ def _open_history(setup: RunSetup, state: RunState, saved: dict[str, Any] | None
     if setup.procs.is_main:
         state.history = HistoryWriter(setup.run_dir / "history.db")
     if saved is not None:
-        state.history.rewind(saved["history"])
+        state.history.rewind(saved["history"], setup.cfg)
         setup.log(
             f"resumed {setup.run_dir} at step {state.step} "
             f"({len(state.mutations)} mutations so far)"

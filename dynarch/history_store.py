@@ -178,14 +178,17 @@ class HistoryWriter:
             for table, key in _APPEND_ONLY.items()
         }
 
-    def rewind(self, marks: dict[str, int]) -> None:
+    def rewind(self, marks: dict[str, int], config: dict[str, Any]) -> None:
         """Drop what was logged after a checkpoint (a resumed run logs it again, identically)
-        and mark the run as running; one transaction."""
+        and mark the run as running with ``config`` (its own, or with a longer run when a
+        finished run is extended); one transaction."""
         with self.conn:
             for table, key in _APPEND_ONLY.items():
                 self.conn.execute(f"DELETE FROM {table} WHERE {key} > ?", (marks[table],))
             self.conn.execute(
-                "UPDATE run SET status = 'running', message = NULL, finished_at = NULL WHERE id = 1"
+                "UPDATE run SET status = 'running', message = NULL, finished_at = NULL, "
+                "config = ? WHERE id = 1",
+                (json.dumps(config, sort_keys=True),),
             )
 
     def finish(self, status: str, message: str | None = None) -> None:

@@ -101,8 +101,27 @@ def test_resuming_a_complete_run_says_so_and_changes_nothing(fast_run) -> None:
     before = {name: (run_dir / name).read_bytes() for name in kept}
     again = dynarch(cwd, "run", f"resume={run_dir}")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == f"{run_dir} is complete; nothing to resume"
+    assert again.stdout.startswith(f"{run_dir} is complete; nothing to resume (extend it: ")
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
+
+
+def test_a_finished_run_can_be_made_longer(tmp_path: Path) -> None:
+    """``resume=DIR trainer.steps=N`` continues a complete run to N steps (the history's config
+    says N after); fewer steps than done is refused with one line, changing nothing."""
+    first = dynarch(tmp_path, "run", "trainer.steps=4", "policy=static")
+    assert first.returncode == 0, first.stderr
+    run_dir = run_dir_of(first)
+    before = (run_dir / "history.db").read_bytes()
+    line = one_error_line(dynarch(tmp_path, "run", f"resume={run_dir}", "trainer.steps=3"))
+    assert line.endswith("the run is at step 4 already; trainer.epochs/steps give 3 steps "
+                         "(extend it with more)")  # fmt: skip
+    assert (run_dir / "history.db").read_bytes() == before
+    longer = dynarch(tmp_path, "run", f"resume={run_dir}", "trainer.steps=8")
+    assert longer.returncode == 0, longer.stderr
+    history = HistoryReader(run_dir / "history.db")
+    assert history.run()["status"] == "completed"
+    assert history.run()["config"]["trainer"]["steps"] == 8
+    assert [m["step"] for m in history.metrics("eval")] == [4, 8]
 
 
 def test_list_and_compare_runs_of_a_sweep(tmp_path: Path) -> None:
