@@ -41,7 +41,7 @@ register()
 USAGE = (
     "usage: dynarch run [hydra overrides...]  (e.g. dynarch run trainer.epochs=3 model.width=8)"
     " | dynarch query RUN_DIR COMMAND (see dynarch query --help)"
-    " | dynarch export RUN_DIR [--format torchscript|onnx|state_dict] [--fold-bn]"
+    " | dynarch export RUN_DIR [--format pt2|torchscript|onnx|state_dict] [--fold-bn]"
 )
 
 
@@ -86,8 +86,8 @@ def _run_app(cfg: DictConfig) -> None:
                 _LOG.info(f"{run_dir} is complete; nothing to resume (extend it: {EXTEND})")
                 return
             plain = before["config"]
-            if longer:  # epochs replace steps and the other way round
-                plain["trainer"] |= {"epochs": plain["trainer"]["epochs"], "steps": None}
+            if longer:  # a new length replaces the old one (steps, when set, would win)
+                plain["trainer"]["steps"] = None
                 plain["trainer"] |= longer
             policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
         else:

@@ -230,7 +230,7 @@ def run(
     setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
     with setup.stop:
         state = _starting_state(setup, policy, model, graph, resume)
-        if trainer["tensorboard"] and procs.is_main:
+        if trainer.get("tensorboard") and procs.is_main:
             state.board = TensorBoardLog(run_dir, state.step)
         progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
         _train_to_the_end(setup, state, progress)
@@ -265,7 +265,7 @@ def _set_up(
         seed=trainer["seed"],
         test_fraction=data_cfg["test_fraction"],
     )
-    train_loader, test_loader = _loaders(splits, trainer, procs, data_cfg["num_workers"])
+    train_loader, test_loader = _loaders(splits, trainer, procs, data_cfg.get("num_workers", 0))
     model = _build_model(cfg["model"], splits, device)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)
@@ -462,7 +462,7 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
             if state.step >= setup.total_steps or _stop_requested(setup):
                 return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-            if setup.cfg["data"]["augment"]:
+            if setup.cfg["data"].get("augment"):  # .get: runs from before the key resume
                 x = augment(x, setup.trainer["seed"] + setup.procs.rank, state.step)
             _step(setup, state, progress, x, y)
 

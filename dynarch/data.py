@@ -7,6 +7,7 @@ Every loader returns a :class:`DataSplits` so the trainer and the model builders
 from __future__ import annotations
 
 import os
+import signal
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def make_loaders(
         sampler=EpochShuffle(len(splits.train), seed, rank, world),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
     )
     test = DataLoader(
         splits.test,
@@ -143,8 +145,17 @@ def make_loaders(
         shuffle=False,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
     )
     return train, test
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """In a loader worker: leave Ctrl-C and SIGTERM (sent to the whole process group by a
+    terminal or a scheduler) to the main process, which stops the run cleanly between steps
+    and needs the workers for the batch it is on; they end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def augment(x: torch.Tensor, seed: int, step: int, padding: int = 4) -> torch.Tensor:

@@ -78,7 +78,8 @@ def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.M
     spec = read_model_spec(run_dir)
     saved = load_checkpoint(run_dir / CHECKPOINT, required=("mutations", "model", "step"))
     mutations = saved["mutations"]
-    if step is not None and step != saved["step"]:
+    earlier = step is not None and step != saved["step"]
+    if earlier:
         if weights:
             raise LoadError(
                 f"{run_dir}: weights are kept for step {saved['step']} only (the last checkpoint); "
@@ -87,9 +88,10 @@ def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.M
         mutations = mutations[: _mutations_until(run_dir, step)]
     example = example_input(spec)
     try:
-        model = build_from_config(spec["model"], *(spec[k] for k in list(_SPEC_KEYS)[1:]))
+        shape = (spec["num_classes"], spec["in_channels"], spec["image_size"])
+        model = build_from_config(spec["model"], *shape)
         replay(model, mutations, example)
-        if weights and mutations is saved["mutations"]:
+        if weights and not earlier:
             model.load_state_dict(saved["model"])
     except (ValueError, TypeError, RuntimeError) as exc:
         raise LoadError(f"{run_dir}: cannot rebuild the model: {_first_line(exc)}") from None

@@ -173,7 +173,9 @@ def drop_parameter(payload: dict[str, Any]) -> None:
 
 
 def resume(edit: Callable[[Path, Path], Path]) -> Callable[[Path, Path], list[str]]:
-    return lambda tmp, prior: ["run", f"resume={edit(tmp, prior)}"]
+    """Resume the (complete, 1-epoch) prior run for one more epoch: a complete run alone is
+    "nothing to resume" before any file is read."""
+    return lambda tmp, prior: ["run", f"resume={edit(tmp, prior)}", "trainer.epochs=2"]
 
 
 def query(edit: Callable[[Path, Path], Path] | None = None, *command: str) -> Callable:
@@ -320,8 +322,8 @@ TABLE: dict[str, Row] = {
         lambda tmp, prior: ["run", f"resume={tmp / 'gone'}"], ["no dynarch run at", "gone"]
     ),
     "resume with other overrides": Row(
-        lambda tmp, prior: ["run", f"resume={prior}", "trainer.epochs=3"],
-        ["takes no other overrides", "trainer.epochs=3"],
+        lambda tmp, prior: ["run", f"resume={prior}", "model.width=3"],
+        ["takes no other overrides", "model.width=3"],
     ),
     # query
     "query a dir that is not a run": Row(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import zipfile
 from pathlib import Path
 
@@ -308,3 +310,17 @@ def test_workers_and_augmentation_keep_a_run_reproducible(tmp_path: Path) -> Non
         runs.append(HistoryReader(run_dir_of(result) / "history.db").metrics())
     strip = [[{k: v for k, v in r.items() if k != "id"} for r in rows] for rows in runs]
     assert strip[0] == strip[1] and len(strip[0]) >= 1
+
+
+def test_loader_workers_leave_ctrl_c_to_the_run() -> None:
+    """A terminal's Ctrl-C (and a scheduler's SIGTERM) reach every process of the group; a
+    worker that died of it would break the batch the run is finishing (or its evaluation)
+    before the run can stop cleanly. Signal the workers mid-epoch: the epoch still ends."""
+    splits = load_data("digits", seed=0)
+    train, _ = make_loaders(splits, 16, seed=0, num_workers=2)
+    batches = iter(train)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    assert sum(1 for _ in batches) == len(train) - 1
