@@ -64,6 +64,7 @@ class TrainerConfig:
     threads: int | None = 1  # CPU threads (None: torch's default)
     eval_every_epochs: float = 1.0
     tensorboard: bool = False  # event files in <run>/tensorboard (pip install dynarch[tensorboard])
+    keep_versions: bool = False  # every architecture version's last weights (dynarch.load step=)
     log_every_steps: int = 0  # history rows of the training loss (0: once per evaluation)
     progress: bool = True  # progress bar on a terminal
     checkpoint_every_epochs: float = 1.0  # also after every step with a mutation, and at the end

@@ -38,7 +38,7 @@ from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
-from dynarch.trained import write_model_spec
+from dynarch.trained import save_version_weights, write_model_spec
 
 
 @dataclass
@@ -499,6 +499,8 @@ def _mutate(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) 
     decided = procs.broadcast(state.policy.decide(view) if procs.is_main else None)
     if view._graph is not None:  # traced by the policy
         state.graph = view._graph
+    if decided and procs.is_main and setup.trainer.get("keep_versions"):
+        save_version_weights(setup.run_dir, len(state.mutations), state.model)
     for m in decided:
         _apply_and_record(setup, state, m, (x, y))
     if decided or state.net is None:

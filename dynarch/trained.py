@@ -26,6 +26,7 @@ from dynarch.history_store import HistoryReader
 from dynarch.models import build_from_config
 
 SPEC = "model.json"
+VERSIONS = "versions"  # v<N>.pt: the weights version N ended with (trainer.keep_versions)
 _SPEC_KEYS = {"model": dict, "num_classes": int, "in_channels": int, "image_size": int}
 # pt2: torch.export's ExportedProgram (torch.export.load); torchscript: traced (deprecated by
 # PyTorch since 2.9, still read by torch.jit.load and C++ libtorch)
@@ -69,33 +70,55 @@ def example_input(spec: dict[str, Any]) -> torch.Tensor:
     return torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
 
 
+def save_version_weights(run_dir: Path, version: int, model: nn.Module) -> None:
+    """The weights architecture version ``version`` ended with (saved just before the
+    mutations that end it; ``trainer.keep_versions``), for :func:`load` at an earlier step."""
+    folder = run_dir / VERSIONS
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".v{version}.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(folder / f"v{version}.pt")
+
+
 def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.Module:
     """The run's model on the CPU, in eval mode: its final architecture and weights (those of
     the last checkpoint: the end of a completed run). ``step``: the architecture in force at
-    that step; its weights exist only for the checkpoint's step, so other steps need
-    ``weights=False`` (the shapes, freshly initialised)."""
+    that step, with the weights it ended with (kept when the run had
+    ``trainer.keep_versions=true``; ``weights=False`` gives the shapes, freshly initialised)."""
     run_dir = Path(run)
     spec = read_model_spec(run_dir)
     saved = load_checkpoint(run_dir / CHECKPOINT, required=("mutations", "model", "step"))
-    mutations = saved["mutations"]
-    earlier = step is not None and step != saved["step"]
-    if earlier:
-        if weights:
-            raise LoadError(
-                f"{run_dir}: weights are kept for step {saved['step']} only (the last checkpoint); "
-                f"load(..., step={step}, weights=False) gives that step's architecture"
-            )
-        mutations = mutations[: _mutations_until(run_dir, step)]
+    mutations, state = saved["mutations"], saved["model"]
+    if step is not None:
+        version = _mutations_until(run_dir, step)
+        if version < len(mutations):
+            mutations, state = mutations[:version], _version_weights(run_dir, version, weights)
     example = example_input(spec)
     try:
         shape = (spec["num_classes"], spec["in_channels"], spec["image_size"])
         model = build_from_config(spec["model"], *shape)
         replay(model, mutations, example)
-        if weights and not earlier:
-            model.load_state_dict(saved["model"])
+        if weights:
+            model.load_state_dict(state)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise LoadError(f"{run_dir}: cannot rebuild the model: {_first_line(exc)}") from None
     return model.eval()
+
+
+def _version_weights(run_dir: Path, version: int, wanted: bool) -> dict[str, Any] | None:
+    """Version ``version``'s last weights, when wanted (and kept: one line if not)."""
+    if not wanted:
+        return None
+    path = run_dir / VERSIONS / f"v{version}.pt"
+    if not path.is_file():
+        raise LoadError(
+            f"{run_dir}: no weights of architecture version {version} (a run keeps them with "
+            "trainer.keep_versions=true); load(..., weights=False) gives its shapes"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damaged file: zip/pickle raise many kinds
+        raise LoadError(f"{path} is not readable weights ({type(exc).__name__})") from None
 
 
 def _mutations_until(run_dir: Path, step: int) -> int:

@@ -4,7 +4,9 @@ inserted layer) with the run's weights, and ``dynarch export`` writes files that
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from test_cli import dynarch, one_error_line, run_dir_of
 
 import dynarch as dynarch_api
 from dynarch.data import load_data
+from dynarch.export_cli import main as export_main
 from dynarch.history import HistoryReader
 from dynarch.models import count_params
 from dynarch.trained import LoadError
@@ -24,9 +27,19 @@ from dynarch.trained import LoadError
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run that deepens (a conv unit and a residual block), then widens a conv."""
     cwd = tmp_path_factory.mktemp("trained")
-    result = dynarch(cwd, "run", "policy=deepen_schedule", "trainer.epochs=3")
+    keep = ["trainer.keep_versions=true", "trainer.tensorboard=true"]
+    result = dynarch(cwd, "run", "policy=deepen_schedule", "trainer.epochs=3", *keep)
     assert result.returncode == 0, result.stderr
+    (cwd / "stdout.txt").write_text(result.stdout)
     return run_dir_of(result)
+
+
+def accuracy_on_digits(model: torch.nn.Module) -> float:
+    test = load_data("digits", seed=0).test  # the run's split (trainer.seed 0)
+    x = torch.stack([img for img, _ in test])
+    y = torch.as_tensor([int(c) for _, c in test])
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).sum().item() / len(y)
 
 
 def test_load_gives_the_final_model_with_its_test_accuracy(run_dir: Path) -> None:
@@ -34,44 +47,46 @@ def test_load_gives_the_final_model_with_its_test_accuracy(run_dir: Path) -> Non
     assert not model.training
     names = [n for n, _ in model.named_modules()]
     assert "features.conv2_deep0" in names and "features.conv4_deep0" in names
-    history = HistoryReader(run_dir / "history.db")
-    final = history.metrics("eval")[-1]
+    final = HistoryReader(run_dir / "history.db").metrics("eval")[-1]
     assert count_params(model) == final["params"]
-    test = load_data("digits", seed=0).test  # the run's split (trainer.seed 0)
-    x, y = (
-        torch.stack(t) for t in zip(*[(img, torch.as_tensor(c)) for img, c in test], strict=True)
-    )
-    with torch.no_grad():
-        correct = (model(x).argmax(1) == y).sum().item()
-    assert correct / len(y) == final["accuracy"]
+    assert accuracy_on_digits(model) == final["accuracy"]
 
 
-def test_load_an_earlier_architecture(run_dir: Path) -> None:
+def test_load_an_earlier_version_with_the_weights_it_ended_with(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Deepens at steps 12 and 23: the version in force at step 22 ended with the weights the
+    evaluation at step 23 saw (the step-23 deepen comes before step 23's update)."""
     history = HistoryReader(run_dir / "history.db")
-    first_deepen = history.events()[0]
-    before = dynarch_api.load(run_dir, step=first_deepen["step"] - 1, weights=False)
-    at = dynarch_api.load(run_dir, step=first_deepen["step"], weights=False)
-    assert count_params(before) == first_deepen["params_before"]
-    assert count_params(at) == first_deepen["params_after"]
-    with pytest.raises(LoadError, match="weights are kept for step 69 only"):
-        dynarch_api.load(run_dir, step=10)
+    assert [e["step"] for e in history.events()][:2] == [12, 23]
+    at_23 = next(m for m in history.metrics("eval") if m["step"] == 23)
+    earlier = dynarch_api.load(run_dir, step=22)
+    assert count_params(earlier) == at_23["params"]
+    assert accuracy_on_digits(earlier) == at_23["accuracy"]
+    shapes = dynarch_api.load(run_dir, step=11, weights=False)
+    assert count_params(shapes) == history.events()[0]["params_before"]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("versions"))
+    with pytest.raises(LoadError, match="trainer.keep_versions=true"):
+        dynarch_api.load(copy, step=22)
 
 
-@pytest.mark.parametrize("fmt, flags", [("pt2", []), ("torchscript", ["--fold-bn"])])
-def test_export_runs_in_plain_torch(run_dir: Path, tmp_path: Path, fmt: str, flags: list) -> None:
-    out = tmp_path / f"model.{fmt}"
-    result = dynarch(tmp_path, "export", str(run_dir), "--format", fmt, "--out", str(out), *flags)
-    assert result.returncode == 0, result.stderr
+def test_exports_run_in_plain_torch(run_dir: Path, tmp_path: Path) -> None:
+    """torch.export (default) and TorchScript with BatchNorm folded, read back in a process
+    that never imports dynarch, give the run's final model's outputs."""
+    pt2, ts = tmp_path / "model.pt2", tmp_path / "model.ts"
+    for out, flags in ((pt2, []), (ts, ["--format", "torchscript", "--fold-bn"])):
+        result = dynarch(tmp_path, "export", str(run_dir), "--out", str(out), *flags)
+        assert result.returncode == 0, result.stderr
     x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    read = "torch.export.load(p).module()" if fmt == "pt2" else "torch.jit.load(p)"
     script = (
         "import sys, torch, warnings\n"
         "warnings.simplefilter('ignore')\n"
-        f"p = {str(out)!r}\n"
-        f"m = {read}\n"
-        f"y = m(torch.load({str(tmp_path / 'x.pt')!r}))\n"
-        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"a = torch.export.load({str(pt2)!r}).module()(x)\n"
+        f"b = torch.jit.load({str(ts)!r})(x)\n"
+        f"torch.save((a, b), {str(tmp_path / 'y.pt')!r})\n"
         "print('dynarch' in sys.modules)\n"
     )
     plain = subprocess.run(
@@ -80,7 +95,8 @@ def test_export_runs_in_plain_torch(run_dir: Path, tmp_path: Path, fmt: str, fla
     assert plain.stdout.strip() == "False", plain.stderr
     with torch.no_grad():
         expected = dynarch_api.load(run_dir)(x)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=1e-5)
+    for y in torch.load(tmp_path / "y.pt"):
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_onnx_export_runs_in_onnxruntime(run_dir: Path, tmp_path: Path) -> None:
@@ -97,9 +113,33 @@ def test_onnx_export_runs_in_onnxruntime(run_dir: Path, tmp_path: Path) -> None:
         )
 
 
-def test_export_of_a_missing_or_damaged_run_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+def test_export_of_a_missing_or_damaged_run_is_one_line(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert "no model.json in" in one_error_line(dynarch(tmp_path, "export", str(tmp_path)))
     spec = json.loads((run_dir / "model.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps({**spec, "num_classes": "ten"}))
-    line = one_error_line(dynarch(tmp_path, "export", str(tmp_path)))
+    assert export_main([str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.endswith("model.json: 'num_classes' missing or not a int")
+
+
+def test_run_logs_agree_with_the_history(run_dir: Path) -> None:
+    """run.log holds what was printed, metrics.csv every evaluation, TensorBoard the
+    scalars, each group's width and each mutation as text (trainer.tensorboard=true)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    assert (run_dir / "run.log").read_text() == (run_dir.parent.parent / "stdout.txt").read_text()
+    history = HistoryReader(run_dir / "history.db")
+    evals = history.metrics("eval")
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [e["step"] for e in evals] == [23, 46, 69]
+    assert [float(r["accuracy"]) for r in rows] == [e["accuracy"] for e in evals]
+    board = accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    accuracy = board.Scalars("accuracy/test")  # float32 in the event file
+    assert [s.step for s in accuracy] == [e["step"] for e in evals]
+    assert [s.value for s in accuracy] == pytest.approx([e["accuracy"] for e in evals])
+    grown = history.events()[-1]  # the schedule's last entry widens a conv
+    assert board.Scalars(f"width/{grown['grp']}")[-1].value == grown["width_after"]
+    assert len(board.Tensors("mutations/text_summary")) == len(history.events()) == 3
