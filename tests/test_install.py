@@ -61,3 +61,16 @@ def test_first_hour_from_a_wheel_install(tmp_path: Path) -> None:
         "print(torch.allclose(plain, final, atol=1e-5))\n"
     )
     assert run(python, "-c", compare, cwd=work).stdout.strip() == "True"
+
+
+def test_dependencies_are_capped_by_major_version_only() -> None:
+    """No exact patch cap (``torch<=2.14.1`` forced old wheels on everyone); torch-pruning is
+    capped below the major version whose DependencyGraph internals graph.py reads."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {d.split(">")[0].split("<")[0].strip(): d for d in project["dependencies"]}
+    assert not [d for d in pins.values() if "<=" in d or "==" in d]
+    assert pins["torch-pruning"].endswith("<2") and pins["torch"].endswith("<3")
+    extras = project["optional-dependencies"]
+    assert {"onnx", "tensorboard"} <= extras.keys()
