@@ -124,28 +124,6 @@ def test_a_finished_run_can_be_made_longer(tmp_path: Path) -> None:
     assert [m["step"] for m in history.metrics("eval")] == [4, 8]
 
 
-def test_list_and_compare_runs_of_a_sweep(tmp_path: Path) -> None:
-    """``query list`` shows every run (a failed start too); ``compare`` takes a sweep's
-    directory, whose multirun.yaml and .hydra are not runs."""
-    result = dynarch(tmp_path, "run", "-m", "trainer.steps=2", "trainer.seed=0,1")
-    assert result.returncode == 0, result.stderr
-    failed = tmp_path / "runs" / "broken"
-    failed.mkdir()
-    (failed / "FAILED").write_text("data: no such file\n")
-    listed = dynarch(tmp_path, "query", "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    rows = {r["run"]: r for r in json.loads(listed.stdout)}
-    assert (
-        rows["broken"]["status"] == "failed" and rows["broken"]["message"] == "data: no such file"
-    )
-    jobs = sorted(r for r in rows if r.startswith("multirun/"))
-    assert len(jobs) == 2 and all(rows[j]["status"] == "completed" for j in jobs)
-    (sweep,) = (tmp_path / "runs" / "multirun").iterdir()
-    compared = dynarch(tmp_path, "query", "compare", str(sweep), "--json")
-    assert compared.returncode == 0, compared.stderr
-    assert list(json.loads(compared.stdout)[0])[1:] == ["0", "1"]
-
-
 def test_query_latest_and_plots_beside_the_run(fast_run) -> None:
     """``latest`` names the newest run under ./runs; ``plot`` writes to RUN/plots by default."""
     result, cwd = fast_run
@@ -371,7 +349,9 @@ def test_no_or_unknown_subcommand_prints_usage(
     assert err.startswith("usage: dynarch run") and len(err.strip().splitlines()) == 1
 
 
-def test_sweep_over_policies_and_seeds_runs_four_runs(tmp_path: Path) -> None:
+def test_sweep_over_policies_and_seeds_runs_four_runs_that_list_and_compare_show(
+    tmp_path: Path,
+) -> None:
     result = dynarch(
         tmp_path,
         "run",
@@ -386,6 +366,23 @@ def test_sweep_over_policies_and_seeds_runs_four_runs(tmp_path: Path) -> None:
     inits = sorted({e["method"] for db in dbs for e in HistoryReader(db).events()})
     assert inits == ["gradmax", "random"]
     assert all(HistoryReader(db).run()["status"] == "completed" for db in dbs)
+    # query list shows every run (a failed start too); compare takes the sweep's directory,
+    # whose multirun.yaml and .hydra are not runs
+    failed = tmp_path / "runs" / "broken"
+    failed.mkdir()
+    (failed / "FAILED").write_text("data: no such file\n")
+    listed = dynarch(tmp_path, "query", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["run"]: r for r in json.loads(listed.stdout)}
+    assert (
+        rows["broken"]["status"] == "failed" and rows["broken"]["message"] == "data: no such file"
+    )
+    jobs = sorted(r for r in rows if r.startswith("multirun/"))
+    assert len(jobs) == 4 and all(rows[j]["status"] == "completed" for j in jobs)
+    (sweep,) = (tmp_path / "runs" / "multirun").iterdir()
+    compared = dynarch(tmp_path, "query", "compare", str(sweep), "--json")
+    assert compared.returncode == 0, compared.stderr
+    assert list(json.loads(compared.stdout)[0])[1:] == ["0", "1", "2", "3"]
 
 
 CIFAR = TESTS.parent.parent / "shared" / "data" / "cifar10-10k.npz"

@@ -18,7 +18,7 @@ ARMS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/policy/study
 def test_every_study_arm_runs_on_digits(tmp_path: Path) -> None:
     policies = ",".join(f"study/{arm}" for arm in ARMS)
     result = dynarch(
-        tmp_path, "run", "-m", "experiment=study_digits", f"policy={policies}", "trainer.steps=25"
+        tmp_path, "run", "-m", "experiment=study_digits", f"policy={policies}", "trainer.steps=21"
     )
     assert result.returncode == 0, result.stderr
     dbs = sorted((tmp_path / "runs" / "multirun").glob("*/*/history.db"))
