@@ -183,7 +183,7 @@ def grown_contribution(run: Path) -> tuple[float, float] | None:
     if kinds != {"grow"}:
         return None
     initial = history.widths().to_dicts()[0]
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     convs = sorted(
         (k.removesuffix(".weight") for k in state if re.fullmatch(r"features\.conv\d+\.weight", k)),
         key=lambda name: int(name.removeprefix("features.conv")),

@@ -27,7 +27,7 @@ from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: only tensors and plain values (the NumPy RNG state as a tensor)
 FILENAME = "checkpoint.pt"
 
 
@@ -50,11 +50,12 @@ def load(path: Path, required: Sequence[str]) -> dict[str, Any]:
     keys (:data:`dynarch.run_state.CHECKPOINT_KEYS`), is one line naming the file."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign bytes: pickle/zip raise many kinds
+    try:  # weights_only: a crafted file cannot run code (tensors and plain values only)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign, unsafe or pre-format-2 bytes
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__})"
+            f"{path} is not a readable checkpoint ({type(exc).__name__}; only tensors and plain "
+            "values are loaded)"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -129,10 +130,12 @@ def replay(model: nn.Module, mutations: list[dict[str, Any]], example: torch.Ten
 
 
 def rng_states() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values (what a weights-only load reads)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -142,6 +145,7 @@ def rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

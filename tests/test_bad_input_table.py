@@ -148,11 +148,31 @@ def half(old: bytes) -> bytes:
     return old[: len(old) // 2]
 
 
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint could carry."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def checkpoint_with_payload(tmp: Path, prior: Path) -> Path:
+    """The prior checkpoint plus an object whose unpickling would create ``tmp/pwned`` (a new
+    file, which the table's check of the row's files would catch)."""
+    path = prior / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["policy"] = Payload(f"touch {tmp / 'pwned'}")
+    torch.save(payload, path)
+    return prior
+
+
 def checkpoint_edited(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
     """The prior checkpoint with ``change`` applied to its payload: torch-readable, wrong."""
 
     def content(old: bytes) -> bytes:
-        payload = torch.load(io.BytesIO(old), weights_only=False)
+        payload = torch.load(io.BytesIO(old), weights_only=True)
         change(payload)
         out = io.BytesIO()
         torch.save(payload, out)
@@ -288,6 +308,9 @@ TABLE: dict[str, Row] = {
     ),
     "resume history that is not a database": Row(
         resume(prior_with_file("history.db", noise)), ["history.db", "not a dynarch history"]
+    ),
+    "resume checkpoint carrying code": Row(
+        resume(checkpoint_with_payload), ["checkpoint.pt", "not a readable", "plain values"]
     ),
     "resume corrupt checkpoint": Row(
         resume(prior_with_file("checkpoint.pt", noise)), ["checkpoint.pt", "not a readable"]

@@ -45,7 +45,7 @@ def test_every_topology_is_in_the_history(deepened: tuple[Path, dict]) -> None:
     ]
     # the live graph after each mutation, rebuilt by replaying the mutations on a fresh model
     model, example = vgg_small(), torch.zeros(1, 1, 8, 8)
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["mutations"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["mutations"]
     for count, step in enumerate([0, 12, 20, 30]):
         replay(model, saved[count - 1 : count] if count else [], example)
         live = ArchGraph.from_module(model, example)

@@ -75,8 +75,8 @@ def test_two_processes_mutate_identically_and_match_one_process(tmp_path: Path) 
     assert architecture_history(run_dir) == architecture_history(run_dir_of(one))
     assert len(architecture_history(run_dir)) == 5
 
-    two_weights = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
-    one_weights = torch.load(run_dir_of(one) / "checkpoint.pt", weights_only=False)["model"]
+    two_weights = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    one_weights = torch.load(run_dir_of(one) / "checkpoint.pt", weights_only=True)["model"]
     for name, value in one_weights.items():
         torch.testing.assert_close(two_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
     metrics_two = HistoryReader(run_dir / "history.db").metrics("eval")
@@ -96,7 +96,7 @@ def test_two_processes_mutate_identically_and_match_one_process(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed " in resumed.stdout
     assert architecture_history(killed_dir) == architecture_history(run_dir)
-    final = torch.load(killed_dir / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(killed_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[name], value) for name, value in two_weights.items())
 
 

@@ -9,6 +9,7 @@ model's outputs."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -28,7 +29,13 @@ def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedPr
 
 
 def test_first_hour_from_a_wheel_install(tmp_path: Path) -> None:
-    run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation",
+    source = tmp_path / "source"  # a copy: setuptools' build/ stays out of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("dynarch", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation",
         "-q", "-w", tmp_path / "wheel")  # fmt: skip
     (wheel,) = (tmp_path / "wheel").glob("dynarch-*.whl")
     venv = tmp_path / "venv"

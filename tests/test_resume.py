@@ -35,7 +35,7 @@ def record(run_dir: Path) -> dict:
     """Everything a run leaves that must not depend on whether it was interrupted."""
     history = HistoryReader(run_dir / "history.db")
     events = [{k: v for k, v in e.items() if k != "seconds"} for e in history.events()]
-    final = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     return {
         "status": history.run()["status"],
         "metrics": history.metrics(),
@@ -179,7 +179,7 @@ def test_nan_loss_stops_with_the_last_checkpoint(tmp_path: Path) -> None:
     (run_dir,) = (tmp_path / "runs").iterdir()
     history = HistoryReader(run_dir / "history.db")
     assert history.run()["status"] == "failed" and "step 9" in history.run()["message"]
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
 def test_nan_loss_skipped_when_configured(reference: dict, tmp_path: Path) -> None:
@@ -207,5 +207,5 @@ def test_a_failing_mutation_leaves_the_history_as_before_it(tmp_path: Path) -> N
     assert [(e["step"], e["target"]) for e in history.events()] == [(3, "features.conv2")]
     assert [v[1] for v in history.versions()] == [0, 3]  # no version for the failed one
     assert history.run()["status"] == "failed"
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 6 and saved["model"]["features.conv3.weight"].shape[0] == 32
