@@ -108,6 +108,31 @@ def test_taylor_importance_uses_data_and_keeps_gradients() -> None:
     assert all(p.grad is None for p in model.parameters())  # no gradient left behind
 
 
+def test_taylor_importance_leaves_batchnorm_statistics_alone() -> None:
+    """Its train-mode forward used to move every BatchNorm's running statistics and
+    ``num_batches_tracked``; now the kept channels' statistics are exactly as before."""
+    model, x = build("vgg_small")
+    model.train()
+    y = torch.arange(x.shape[0]) % 10
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    record = dynarch.prune(
+        model,
+        "features.conv1",
+        k=2,
+        importance="taylor",
+        data=(x, y),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        example_inputs=x,
+    )
+    kept = [
+        c for c in range(before["features.bn1.running_mean"].numel()) if c not in record.indices
+    ]
+    after = dict(model.named_buffers())
+    for name, buffer in after.items():
+        expected = before[name][kept] if name.startswith("features.bn1.running") else before[name]
+        assert torch.equal(buffer, expected), name
+
+
 SPIKY, FLAT, DEAD = 2, 5, 6  # channels of features.conv2 in the model below
 
 

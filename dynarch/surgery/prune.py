@@ -14,6 +14,7 @@ from dynarch.errors import DynarchError, InvalidMutationError, close_matches
 from dynarch.graph import ChannelGroup
 from dynarch.layer_kinds import channel_tensors
 from dynarch.models import count_params
+from dynarch.probes import buffers_restored
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, removal_map
 from dynarch.surgery.plan import (
     check_forward,
@@ -143,7 +144,8 @@ def _least_important(
         try:
             model.zero_grad(set_to_none=True)
             x, y = data
-            loss_fn(model(x), y).backward()
+            with buffers_restored(model):  # a probe: BatchNorm statistics stay as they were
+                loss_fn(model(x), y).backward()
             scores = IMPORTANCES[importance]()(tp_group)
         finally:
             for p, g in grads.items():
