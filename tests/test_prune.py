@@ -90,31 +90,15 @@ def test_magnitude_importance_removes_the_weakest_channel() -> None:
     assert record.method == "magnitude"
 
 
-def test_taylor_importance_uses_data_and_keeps_gradients() -> None:
-    model, x = build("vgg_small")
-    y = torch.arange(x.shape[0]) % 10
-    loss_fn = torch.nn.CrossEntropyLoss()
-    assert all(p.grad is None for p in model.parameters())
-    record = dynarch.prune(
-        model,
-        "features.conv1",
-        k=2,
-        importance="taylor",
-        data=(x, y),
-        loss_fn=loss_fn,
-        example_inputs=x,
-    )
-    assert len(record.indices) == 2
-    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
-
-
-def test_taylor_importance_leaves_batchnorm_statistics_alone() -> None:
-    """Its train-mode forward used to move every BatchNorm's running statistics and
-    ``num_batches_tracked``; now the kept channels' statistics are exactly as before."""
+def test_taylor_importance_uses_data_and_leaves_gradients_and_statistics_alone() -> None:
+    """Its train-mode probe forward used to move every BatchNorm's running statistics and
+    ``num_batches_tracked``; now the kept channels' statistics are exactly as before, and no
+    gradient is left behind."""
     model, x = build("vgg_small")
     model.train()
     y = torch.arange(x.shape[0]) % 10
     before = {n: b.clone() for n, b in model.named_buffers()}
+    assert all(p.grad is None for p in model.parameters())
     record = dynarch.prune(
         model,
         "features.conv1",
@@ -124,11 +108,10 @@ def test_taylor_importance_leaves_batchnorm_statistics_alone() -> None:
         loss_fn=torch.nn.CrossEntropyLoss(),
         example_inputs=x,
     )
-    kept = [
-        c for c in range(before["features.bn1.running_mean"].numel()) if c not in record.indices
-    ]
-    after = dict(model.named_buffers())
-    for name, buffer in after.items():
+    assert len(record.indices) == 2
+    assert all(p.grad is None for p in model.parameters())
+    kept = [c for c in range(len(before["features.bn1.running_mean"])) if c not in record.indices]
+    for name, buffer in model.named_buffers():
         expected = before[name][kept] if name.startswith("features.bn1.running") else before[name]
         assert torch.equal(buffer, expected), name
 
