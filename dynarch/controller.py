@@ -445,12 +445,6 @@ def _stop_between_steps(setup: RunSetup, state: RunState) -> None:
     raise RunInterrupted(message, signum)
 
 
-def _stop_requested(setup: RunSetup) -> bool:
-    """Rank 0's answer for every process (torchrun signals them all, not at the same step)."""
-    requested = setup.stop.requested()
-    return bool(setup.procs.broadcast(requested)) if setup.procs.world > 1 else requested
-
-
 def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
     """Steps until the last, from the data position of the state's step (mid-epoch after a
     resume), or until a stop is requested."""
@@ -459,19 +453,23 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
         epoch, offset = divmod(state.step, setup.steps_per_epoch)
         loader.sampler.set_position(epoch, offset * loader.batch_size)
         for x, y in loader:
-            if state.step >= setup.total_steps or _stop_requested(setup):
+            if state.step >= setup.total_steps:
                 return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
             if setup.cfg["data"].get("augment"):  # .get: runs from before the key resume
                 x = augment(x, setup.trainer["seed"] + setup.procs.rank, state.step)
-            _step(setup, state, progress, x, y)
+            if not _step(setup, state, progress, x, y):
+                return  # a stop was requested (Ctrl-C, SIGTERM)
 
 
 def _step(
     setup: RunSetup, state: RunState, progress: Any, x: torch.Tensor, y: torch.Tensor
-) -> None:
-    """One step: mutate, update, then show, log, evaluate and checkpoint when due."""
+) -> bool:
+    """One step: mutate, update, then show, log, evaluate and checkpoint when due; False
+    (nothing done) when a stop was requested."""
     decided = _mutate(setup, state, x, y)
+    if decided is None:
+        return False
     _update(setup, state, x, y)
     if progress is not None:
         progress.update(1)
@@ -488,15 +486,23 @@ def _step(
     periodic = setup.checkpoint_every > 0 and step % setup.checkpoint_every == 0
     if decided or periodic or step == setup.total_steps:
         _checkpoint(setup, state)
+    return True
 
 
-def _mutate(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> list[Mutation]:
+def _mutate(
+    setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor
+) -> list[Mutation] | None:
     """Ask the policy (rank 0; its decision is broadcast) and apply what it decided in every
     process; the training module is wrapped anew after a change (DDP holds the old
-    parameters)."""
+    parameters). None when rank 0 saw a stop request: it travels with the decision (one
+    broadcast a step), and the policy is not asked, so its state matches the checkpoint."""
     procs = setup.procs
     view = _policy_view(setup, state, (x, y))
-    decided = procs.broadcast(state.policy.decide(view) if procs.is_main else None)
+    stop = procs.is_main and setup.stop.requested()
+    wanted = state.policy.decide(view) if procs.is_main and not stop else None
+    decided, stop = procs.broadcast((wanted, stop))
+    if stop:
+        return None
     if view._graph is not None:  # traced by the policy
         state.graph = view._graph
     if decided and procs.is_main and setup.trainer.get("keep_versions"):

@@ -221,15 +221,10 @@ def resolve_run(name: str, runs: Path = Path("runs")) -> Path:
     i.e. the one started last; any other name is a path."""
     if name != "latest":
         return Path(name)
-    started = {db.parent: _started(db) for db in runs.rglob("history.db")}
+    started = {db.parent: _started_at(db.parent) for db in runs.rglob("history.db")}
     if not started:
         raise _UsageError(f"latest: no runs under {runs.resolve()}")
     return max(started, key=started.__getitem__)
-
-
-def _started(db: Path) -> float:
-    config = db.parent / "config.yaml"
-    return (config if config.is_file() else db).stat().st_mtime
 
 
 def _run_dir(path: Path) -> Path:
