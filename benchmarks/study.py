@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 import dynarch.history
+from dynarch.run_state import read_checkpoint
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -183,7 +182,7 @@ def grown_contribution(run: Path) -> tuple[float, float] | None:
     if kinds != {"grow"}:
         return None
     initial = history.widths().to_dicts()[0]
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    state = read_checkpoint(run / "checkpoint.pt")["model"]  # verified, weights only
     convs = sorted(
         (k.removesuffix(".weight") for k in state if re.fullmatch(r"features\.conv\d+\.weight", k)),
         key=lambda name: int(name.removeprefix("features.conv")),

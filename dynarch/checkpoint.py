@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,13 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
+from dynarch.run_dir import CHECKPOINT
 from dynarch.surgery.deepen import deepen
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 
 FORMAT_VERSION = 2  # 2: only tensors and plain values (the NumPy RNG state as a tensor)
-FILENAME = "checkpoint.pt"
+FILENAME = CHECKPOINT
 
 
 class CheckpointError(DynarchError):
@@ -36,13 +39,19 @@ class CheckpointError(DynarchError):
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename). A write that
+    fails (disk full, read-only) is one line; the old checkpoint stays, no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT_VERSION, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save's zip writer raises RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"cannot write {path}: {reason.splitlines()[0]}") from None
 
 
 def load(path: Path, required: Sequence[str]) -> dict[str, Any]:
@@ -50,6 +59,7 @@ def load(path: Path, required: Sequence[str]) -> dict[str, Any]:
     keys (:data:`dynarch.run_state.CHECKPOINT_KEYS`), is one line naming the file."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
+    verify(path)
     try:  # weights_only: a crafted file cannot run code (tensors and plain values only)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, foreign, unsafe or pre-format-2 bytes
@@ -66,6 +76,23 @@ def load(path: Path, required: Sequence[str]) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {missing[0]!r})")
     return payload
+
+
+def verify(path: Path) -> None:
+    """Check every record of the file against the CRC-32 its zip archive stores for it:
+    torch.load does not, so damaged bytes would load as other weights. One line if any
+    record fails (or the archive cannot be read), before anything is loaded."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (damaged: {str(exc) or type(exc).__name__})"
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its record {damaged!r} fails its CRC-32 check (nothing loaded)"
+        )
 
 
 def restore_model(

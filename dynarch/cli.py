@@ -7,12 +7,15 @@ architecture. Mistakes the user can fix end in one ``dynarch: error: ...`` line 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import sqlite3
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dynarch import config as config_module
-from dynarch.config import ConfigValueError, check_values, register
+from dynarch.config import ConfigValueError, RunConfig, check_values, register
 from dynarch.errors import ConfigError, DynarchError, close_matches
-from dynarch.history_store import HistoryReader
+from dynarch.history_store import HistoryReader, records_nothing
 from dynarch.launch import launched_ranks
+from dynarch.run_dir import CHECKPOINT, holds_run, owned
 from dynarch.stopping import RunInterrupted
 
 if TYPE_CHECKING:
+    from dynarch.controller import RunSummary
     from dynarch.policies.base import Policy
 
 register()
@@ -72,50 +77,63 @@ class SweepFailures(Callback):
         _failures[:] = [f.read_text(encoding="utf-8").strip() for f in failed]
 
 
+class RunDirGuard(Callback):
+    """Checks the run dir before Hydra writes there (its ``.hydra`` files, run.log): a new
+    run (or sweep) is refused in a dir that holds a run, whose files stay byte-identical, and
+    any run in a dir that cannot be written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_run_dir(Path(config.hydra.run.dir), new=config.get("resume") is None)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        for run_dir in [sweep, *sorted(sweep.glob("*/"))]:
+            _check_run_dir(run_dir, new=True)
+
+
+def _check_run_dir(run_dir: Path, new: bool) -> None:
+    """Exit with one line if ``run_dir`` holds a run (for a new one) or cannot be written."""
+    if launched_ranks()[0] != 0:  # rank 0 owns the run dir
+        return
+    run_dir = run_dir.resolve()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    problem = None
+    if new and holds_run(run_dir):
+        problem = _holds_a_run(run_dir)
+    elif not os.access(existing, os.W_OK):
+        problem = f"{existing} cannot be written (read-only, or no permission); a run writes there"
+    if problem is None and run_dir.is_dir():
+        try:  # early too: before Hydra opens run.log there (the job holds it for the run)
+            with owned(run_dir):
+                pass
+        except DynarchError as exc:
+            problem = str(exc)
+    if problem is not None:
+        print(f"dynarch: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _run_app(cfg: DictConfig) -> None:
-    """One Hydra job: run it, reporting user errors as one line instead of a traceback."""
+    """One Hydra job: run it, reporting user errors as one line instead of a traceback. The
+    run dir is this process's while the job runs (rank 0's, under torchrun)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    resume = cfg.get("resume") is not None
-    before: dict[str, Any] | None = None  # a resumed run's status row, as it was
+    job = _Job(run_dir, resume=cfg.get("resume") is not None, main=launched_ranks()[0] == 0)
     try:
-        if resume:  # the run's own config, as it started; only its checkpoint moves it on
-            before = _run_row(run_dir)
-            longer = _extension()
-            if before["status"] == "completed" and not longer:
-                _LOG.info(f"{run_dir} is complete; nothing to resume (extend it: {EXTEND})")
-                return
-            plain = before["config"]
-            if longer:  # a new length replaces the old one (steps, when set, would win)
-                plain["trainer"]["steps"] = None
-                plain["trainer"] |= longer
-            policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
-        else:
-            if launched_ranks()[0] == 0:
-                config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-                (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            assert isinstance(plain, dict)
-            if plain["data"].get("path"):
-                # relative to where the user ran dynarch, even if hydra.job.chdir is switched on
-                plain["data"]["path"] = to_absolute_path(str(plain["data"]["path"]))
-            policy = _instantiate_policy(cfg.policy)
-        from dynarch.controller import run  # torch: only once the command line is valid
-
-        summary = run(plain, policy, run_dir, log=_LOG.info, resume=resume)
+        with owned(run_dir) if job.main else nullcontext():
+            summary = job.run(cfg)
     except RunInterrupted as exc:  # checkpointed and marked; a sweep stops here too
-        if launched_ranks()[0] == 0:
+        if job.main:
             print(f"dynarch: {exc}; continue with: dynarch run resume={run_dir}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (DynarchError, OmegaConfBaseException) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if launched_ranks()[0] == 0:
-            if not resume or _resume_started(run_dir, before):
-                (run_dir / "FAILED").write_text(message + "\n", encoding="utf-8")
+    except (DynarchError, OmegaConfBaseException, OSError, sqlite3.Error) as exc:
+        message = _error_line(exc, run_dir)
+        if job.main:
+            job.mark_failed(message)
             print(f"dynarch: error: {message}", file=sys.stderr)
         _failures.append(message)
         return
-    if launched_ranks()[0] != 0:
+    if summary is None or not job.main:
         return
     _LOG.info(
         f"final test accuracy {summary.test_accuracy:.4f} (loss {summary.test_loss:.4f}), "
@@ -123,6 +141,110 @@ def _run_app(cfg: DictConfig) -> None:
         f"{summary.mutations} mutations, {summary.steps} steps, {summary.seconds:.1f} s"
     )
     _LOG.info(f"run written to {run_dir}")
+
+
+@dataclasses.dataclass
+class _Job:
+    """One ``dynarch run`` job in ``run_dir``: a new run, a resumed one, or one started over
+    (a run dir stopped before its first checkpoint), and whose failure it may mark."""
+
+    run_dir: Path
+    resume: bool
+    main: bool  # rank 0: writes the run dir
+    before: dict[str, Any] | None = None  # a resumed run's status row, as it was
+    own: bool = False  # the run dir holds this job's run only: a failure is marked there
+
+    def run(self, cfg: DictConfig) -> RunSummary | None:
+        """Train (None: a complete run, nothing to do)."""
+        if self.resume and not (self.run_dir / CHECKPOINT).is_file():
+            plain = self._start_over()
+        elif self.resume:  # the run's own config, as it started; its checkpoint moves it on
+            self.before = _run_row(self.run_dir)
+            longer = _extension()
+            if self.before["status"] == "completed" and not longer:
+                _LOG.info(f"{self.run_dir} is complete; nothing to resume (extend it: {EXTEND})")
+                return None
+            plain = self.before["config"]
+            if longer:  # a new length replaces the old one (steps, when set, would win)
+                plain["trainer"]["steps"] = None
+                plain["trainer"] |= longer
+        else:
+            plain = self._new_run(cfg)
+        policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
+        from dynarch.controller import run  # torch: only once the command line is valid
+
+        return run(plain, policy, self.run_dir, log=_LOG.info, resume=self.resume)
+
+    def _new_run(self, cfg: DictConfig) -> dict[str, Any]:
+        """The config of a new run, written to the run dir; refused in a dir holding a run."""
+        if self.main and holds_run(self.run_dir):
+            raise DynarchError(_holds_a_run(self.run_dir))
+        self.own = True
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        assert isinstance(plain, dict)
+        if plain["data"].get("path"):
+            # relative to where the user ran dynarch, even if hydra.job.chdir is switched on
+            plain["data"]["path"] = to_absolute_path(str(plain["data"]["path"]))
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain), encoding="utf-8")
+        return plain
+
+    def _start_over(self) -> dict[str, Any]:
+        """A run dir without a checkpoint: stopped before its first one, nothing trained. It
+        starts over from its config.yaml (said in one line); a history that records more
+        than its start is refused instead (its checkpoint is gone)."""
+        history = self.run_dir / "history.db"
+        if not records_nothing(history):
+            raise DynarchError(
+                f"no checkpoint at {self.run_dir / CHECKPOINT}, though its history records "
+                "training (nothing to resume from)"
+            )
+        plain = _saved_config(self.run_dir / "config.yaml")
+        if longer := _extension():
+            plain["trainer"]["steps"] = None
+            plain["trainer"] |= longer
+        _LOG.info(f"{self.run_dir} stopped before its first checkpoint: starting it over")
+        self.resume, self.own = False, True
+        if self.main:  # what the stopped start left: its history, its failure mark
+            for name in ("history.db", "history.db-wal", "history.db-shm", "FAILED"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        return plain
+
+    def mark_failed(self, message: str) -> None:
+        """A FAILED file with ``message`` in the run dir, if the failure is this job's to
+        mark: its own run, or a resume that got as far as changing the old run. A refused
+        resume leaves the old run exactly as it was; a dir that cannot be written, too."""
+        if self.own or (self.resume and _resume_started(self.run_dir, self.before)):
+            with contextlib.suppress(OSError):
+                (self.run_dir / "FAILED").write_text(message + "\n", encoding="utf-8")
+
+
+def _holds_a_run(run_dir: Path) -> str:
+    return (
+        f"{run_dir} holds a run already; resume it with: dynarch run resume={run_dir} "
+        "(or choose another dir)"
+    )
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """A run dir's config.yaml, checked against the config schema (one line if it does not
+    fit): the config a run started over runs with."""
+    try:
+        loaded = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        plain = OmegaConf.to_container(loaded, resolve=True, throw_on_missing=True)
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: not a dynarch run config ({_one_line(exc)})") from None
+    assert isinstance(plain, dict)
+    check_values(plain)
+    return plain
+
+
+def _error_line(exc: BaseException, run_dir: Path) -> str:
+    """The one line a failed job prints: the error's first line, naming the history file
+    for SQLite's errors (which name none: "database or disk is full")."""
+    message = str(exc).strip()
+    line = message.splitlines()[0] if message else type(exc).__name__
+    return f"{run_dir / 'history.db'}: {line}" if isinstance(exc, sqlite3.Error) else line
 
 
 EXTEND = "dynarch run resume=DIR trainer.epochs=N (or trainer.steps=N) with more"
@@ -212,7 +334,7 @@ def _resume_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
             "resume= takes no other overrides than trainer.epochs/steps (the run keeps its "
             f"config): {others}"
         )
-    if not (run_dir / "history.db").is_file():
+    if not any((run_dir / name).is_file() for name in ("history.db", "config.yaml")):
         return overrides, f"resume: no dynarch run at {run_dir} (no history.db)"
     where = [f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     return where + longer, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -368,10 +369,6 @@ def _starting_state(
         f"{setup.total_steps} steps ({setup.steps_per_epoch}/epoch), "
         f"policy {type(policy).__name__}, device {setup.device}"
     )
-    if saved is None:
-        _checkpoint(setup, state)  # step 0: a run killed before its first periodic one resumes
-        if setup.procs.is_main:
-            write_model_spec(setup.run_dir, setup.cfg["model"], setup.splits)
     return state
 
 
@@ -408,6 +405,10 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
     the error's first line."""
     completed = False
     try:
+        if state.last_checkpoint is None:  # a new run: step 0, so that it resumes from there
+            _checkpoint(setup, state)
+            if setup.procs.is_main:
+                write_model_spec(setup.run_dir, setup.cfg["model"], setup.splits)
         _train(setup, state, progress)
         if state.step < setup.total_steps:
             _stop_between_steps(setup, state)
@@ -424,8 +425,7 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
         state.history.finish("interrupted", message)
         raise RunInterrupted(message, signal.SIGINT) from None
     except BaseException as exc:
-        message = str(exc).strip()
-        state.history.finish("failed", message.splitlines()[0] if message else type(exc).__name__)
+        _mark_failed(state, exc)
         raise
     finally:
         if progress is not None:
@@ -434,6 +434,16 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
             state.board.close()
         state.history.close()
         distributed.stop(together=completed)
+
+
+def _mark_failed(state: RunState, exc: BaseException) -> None:
+    """Mark the history failed with the error's first line, where it can still be written:
+    a full disk or a read-only run dir must not hide the error that stopped the run."""
+    message = str(exc).strip()
+    try:
+        state.history.finish("failed", message.splitlines()[0] if message else type(exc).__name__)
+    except (sqlite3.Error, OSError):
+        pass
 
 
 def _stop_between_steps(setup: RunSetup, state: RunState) -> None:

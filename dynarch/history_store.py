@@ -13,8 +13,10 @@ import json
 import sqlite3
 import time
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dynarch.errors import DynarchError
 
@@ -42,13 +44,15 @@ CREATE INDEX metrics_step ON metrics(step);
 CREATE INDEX architectures_step ON architectures(step);
 """
 
+_T = TypeVar("_T")
 _METRIC_COLUMNS = ("loss", "accuracy", "lr", "params", "macs")
 # Tables a run only appends to, with the column that orders them.
 _APPEND_ONLY = {"metrics": "id", "events": "id", "architectures": "version"}
 
 
 class HistoryError(DynarchError):
-    """A history file dynarch cannot use (not a dynarch history, or another schema version)."""
+    """A history file dynarch cannot use (not a dynarch history, another schema version, a
+    damaged row), in one line naming the file."""
 
 
 def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
@@ -79,6 +83,25 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
     return int(row[0])
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Tables and schema version in one transaction, so a run killed while creating them
+    leaves a file without tables (a fresh history the next writer creates) rather than tables
+    without a schema version (refused); a no-op on an existing history. Not executescript:
+    it commits before every statement."""
+    if _schema_version(conn) is not None:
+        return
+    conn.execute("BEGIN IMMEDIATE")  # a second writer waits here, then sees the tables
+    try:
+        if _schema_version(conn) is None:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
 class HistoryWriter:
     """Append-only writer of one run's history; every method is one committed transaction."""
 
@@ -87,12 +110,7 @@ class HistoryWriter:
         self.conn = _connect(self.path, read_only=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        if _schema_version(self.conn) is None:
-            with self.conn:
-                self.conn.executescript(_SCHEMA)
-                self.conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
+        _create_schema(self.conn)
 
     def write_run(self, config: dict[str, Any], *, command: str | None = None) -> None:
         with self.conn:
@@ -209,61 +227,145 @@ class HistoryWriter:
 
 
 class HistoryReader:
-    """Read-only view of a history, usable while a writer is still appending."""
+    """Read-only view of a history, usable while a writer is still appending.
+
+    Each call reads one snapshot; calls inside :meth:`snapshot` share one, so a query that
+    reads several tables sees them as they were at one moment (a live run adds rows between
+    statements). Damaged content is a :class:`HistoryError` naming the file and the row.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise HistoryError(f"no history at {self.path}")
         self.conn = _connect(self.path, read_only=True)
+        self.conn.isolation_level = None  # autocommit; snapshot() says BEGIN itself
         self.conn.row_factory = sqlite3.Row
+        self._depth = 0
+        if _schema_version(self.conn) is None:
+            self.conn.close()
+            raise HistoryError(
+                f"{self.path} holds no history yet (no tables: its run stopped, or is starting, "
+                "before creating them)"
+            )
+
+    @contextmanager
+    def snapshot(self) -> Iterator[HistoryReader]:
+        """One read transaction around several reads (nested: the outermost one counts)."""
+        if self._depth == 0:
+            self._sql("BEGIN", (), "the history")
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.conn.execute("COMMIT")
+
+    def _sql(self, sql: str, args: tuple[Any, ...], what: str) -> list[sqlite3.Row]:
+        """All rows of one statement; a store SQLite cannot read is one line naming ``what``."""
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise HistoryError(f"{self.path}: cannot read {what} ({exc})") from None
+
+    def _decoded(self, what: str, decode: Callable[[], _T]) -> _T:
+        """``decode()``, or one line naming the damaged row (zlib, JSON, UTF-8 or type error)."""
+        try:
+            return decode()
+        except (zlib.error, ValueError, TypeError) as exc:
+            kind = "zlib error" if isinstance(exc, zlib.error) else type(exc).__name__
+            raise HistoryError(f"{self.path}: {what} is damaged ({kind}: {exc})") from None
 
     def run(self) -> dict[str, Any]:
-        row = self.conn.execute("SELECT * FROM run WHERE id = 1").fetchone()
-        return {**dict(row), "config": json.loads(row["config"])} if row else {}
+        rows = self._sql("SELECT * FROM run WHERE id = 1", (), "the run row")
+        if not rows:
+            return {}
+        config = self._decoded("the run row's config", lambda: json.loads(rows[0]["config"]))
+        return {**dict(rows[0]), "config": config}
 
-    def metrics(self, kind: str | None = None) -> list[dict[str, Any]]:
+    def metrics(
+        self, kind: str | None = None, *, parse_extra: bool = False
+    ) -> list[dict[str, Any]]:
+        """Metrics rows, oldest first; ``extra`` (the values of no fixed column) is its JSON
+        text, or with ``parse_extra`` a dict."""
         sql, args = "SELECT * FROM metrics", ()
         if kind is not None:
             sql, args = sql + " WHERE kind = ?", (kind,)
-        return [dict(r) for r in self.conn.execute(sql + " ORDER BY id", args)]
+        rows = [dict(r) for r in self._sql(sql + " ORDER BY id", args, "the metrics")]
+        for row in rows if parse_extra else ():
+            text, what = row["extra"], f"metrics row {row['id']} (step {row['step']})"
+            row["extra"] = self._decoded(what, lambda t=text: json.loads(t)) if text else {}
+        return rows
 
     def events(self) -> list[dict[str, Any]]:
         rows = []
-        for r in self.conn.execute("SELECT * FROM events ORDER BY id"):
+        for r in self._sql("SELECT * FROM events ORDER BY id", (), "the events"):
             row = dict(r)
+            what = f"event {row['id']} (step {row['step']})"
             for key in ("indices", "modules", "info"):
-                row[key] = json.loads(row[key])
+                row[key] = self._decoded(what, lambda t=row[key]: json.loads(t))
             rows.append(row)
         return rows
 
     def versions(self) -> list[tuple[int, int, int | None]]:
         """(version, step, event_id) of every architecture version, oldest first."""
         sql = "SELECT version, step, event_id FROM architectures ORDER BY version"
-        return [tuple(r) for r in self.conn.execute(sql)]
+        return [tuple(r) for r in self._sql(sql, (), "the architecture versions")]
 
     def architecture(self, version: int) -> dict[str, Any]:
-        row = self.conn.execute(
-            "SELECT graph FROM architectures WHERE version = ?", (version,)
-        ).fetchone()
-        if row is None:
+        what = f"architecture version {version}"
+        rows = self._sql("SELECT graph FROM architectures WHERE version = ?", (version,), what)
+        if not rows:
             raise HistoryError(f"{self.path} has no architecture version {version}")
-        return json.loads(zlib.decompress(row[0]))
+        return self._decoded(what, lambda: json.loads(zlib.decompress(rows[0][0])))
 
     def last_step(self) -> int:
         """The last step anything was logged at (0 for an empty history)."""
-        row = self.conn.execute(
+        (row,) = self._sql(
             "SELECT MAX(s) FROM (SELECT MAX(step) AS s FROM metrics UNION ALL "
-            "SELECT MAX(step) FROM events UNION ALL SELECT MAX(step) FROM architectures)"
-        ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+            "SELECT MAX(step) FROM events UNION ALL SELECT MAX(step) FROM architectures)",
+            (),
+            "the last step",
+        )
+        return 0 if row[0] is None else int(row[0])
 
     def version_at(self, step: int) -> int | None:
         """The newest architecture version logged at or before ``step`` (None if none is)."""
-        row = self.conn.execute(
-            "SELECT MAX(version) FROM architectures WHERE step <= ?", (step,)
-        ).fetchone()
-        return None if row is None or row[0] is None else int(row[0])
+        (row,) = self._sql(
+            "SELECT MAX(version) FROM architectures WHERE step <= ?",
+            (step,),
+            f"the architecture at step {step}",
+        )
+        return None if row[0] is None else int(row[0])
 
     def close(self) -> None:
         self.conn.close()
+
+
+def records_nothing(path: Path) -> bool:
+    """Whether the history at ``path`` holds nothing a fresh start would lose: no file, an
+    empty one, no tables, or no more than the run row and its first architecture (a run
+    stopped before its first checkpoint). A file that is not SQLite holds something."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            rows = {
+                t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("metrics", "events", "architectures")
+                if t in tables
+            }
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return (
+        rows.get("metrics", 0) == 0
+        and rows.get("events", 0) == 0
+        and rows.get("architectures", 0) <= 1
+    )

@@ -12,19 +12,22 @@ the last version logged at a step ``<= s``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 
 from dynarch.history_store import HistoryError, HistoryReader
 
 _CACHE_SIZE = 256
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 EVENT_COLUMNS = (
     "id",
@@ -206,6 +209,18 @@ def resolve_history_path(path: str | Path) -> Path:
     return p
 
 
+def _one_snapshot(method: _F) -> _F:
+    """Run a query that reads several statements in one read transaction: a live run appends
+    between statements, and a version read after its event list would have no event."""
+
+    @functools.wraps(method)
+    def wrapper(self: History, *args: Any, **kwargs: Any) -> Any:
+        with self.reader.snapshot():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class History:
     """Read-side API over one run's ``history.db``; see the module docstring for step semantics."""
 
@@ -228,6 +243,11 @@ class History:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def snapshot(self) -> AbstractContextManager[HistoryReader]:
+        """Several queries against one moment of a live run: ``with h.snapshot(): ...``
+        (each query alone is already one snapshot)."""
+        return self.reader.snapshot()
+
     # -- raw access ----------------------------------------------------------------------------
     def _version_rows(self) -> list[tuple[int, int, int | None]]:
         rows = self.reader.versions()
@@ -247,6 +267,7 @@ class History:
         """The last step anything was logged at (the run's end, or where a live run is now)."""
         return self.reader.last_step()
 
+    @_one_snapshot
     def version_at(self, step: int) -> int:
         """Number of the architecture version in force at ``step``."""
         try:
@@ -269,6 +290,7 @@ class History:
         """The run row: config, command, status (``running``/``completed``/``failed``), times."""
         return self.reader.run()
 
+    @_one_snapshot
     def graph_at(self, step: int) -> nx.DiGraph:
         """The architecture in force at ``step`` as a networkx DiGraph, ``ArchGraph.nx`` as it was.
 
@@ -288,6 +310,7 @@ class History:
             graph.graph["groups"] = text
         return graph
 
+    @_one_snapshot
     def groups_at(self, step: int) -> list[dict[str, Any]]:
         """The channel groups in force at ``step``, as dicts (name, width, at_output,
         unsupported, ops, members): the parsed ``graph_at(step).graph["groups"]``."""
@@ -297,6 +320,7 @@ class History:
         """Steps at which the architecture changed, with 0 (the initial architecture) first."""
         return sorted({step for _, step, _ in self._version_rows()})
 
+    @_one_snapshot
     def version_table(self) -> Table:
         """Every version: its step, the event that made it, params and MACs after it."""
         events = {e["id"]: e for e in self.reader.events()}
@@ -324,6 +348,7 @@ class History:
             rows,
         )
 
+    @_one_snapshot
     def _version_stats(
         self, events: dict[int, dict[str, Any]] | None = None
     ) -> dict[int, tuple[int | None, int | None]]:
@@ -348,6 +373,7 @@ class History:
                 stats[version] = (graph_params(self.graph_of_version(version)), None)
         return stats
 
+    @_one_snapshot
     def widths(self) -> Table:
         """Width of every channel group at every version (groups that reach the model's output,
         fixed by the task, are left out): columns ``version, step, <group>...``."""
@@ -381,15 +407,15 @@ class History:
     def metrics(self, kind: str | None = None) -> Table:
         """Logged metrics (``eval`` rows: test loss/accuracy; ``train`` rows), extra values as
         their own columns."""
-        raw = self.reader.metrics(kind)
+        raw = self.reader.metrics(kind, parse_extra=True)
         extras: dict[str, None] = {}
         for m in raw:
-            m["extra"] = json.loads(m["extra"]) if m["extra"] else {}
             extras.update(dict.fromkeys(m["extra"]))
         base = ("step", "epoch", "kind", "loss", "accuracy", "lr", "params", "macs")
         rows = [tuple(m[c] for c in base) + tuple(m["extra"].get(x) for x in extras) for m in raw]
         return Table(base + tuple(extras), rows)
 
+    @_one_snapshot
     def diff(self, step_a: int, step_b: int) -> Diff:
         """Channels added/removed per group and layer, params and MACs delta, and the events
         applied between the two steps (those logged in ``(min, max]``)."""
@@ -442,6 +468,7 @@ class History:
             events=events,
         )
 
+    @_one_snapshot
     def summary(self) -> dict[str, Any]:
         """One-glance facts: status, steps, mutations, params/MACs/widths first and last,
         final and best test accuracy."""

@@ -125,7 +125,7 @@ def _dispatch(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
     args.run_dir = resolve_run(args.run_dir)
-    with History(args.run_dir) as h:
+    with History(args.run_dir) as h, h.snapshot():  # a live run's one moment, for every query
         if args.command == "summary":
             _print(h.summary(), as_json)
         elif args.command == "versions":

@@ -20,7 +20,7 @@ from torch import nn
 
 from dynarch.checkpoint import FILENAME as CHECKPOINT
 from dynarch.checkpoint import load as load_checkpoint
-from dynarch.checkpoint import replay
+from dynarch.checkpoint import replay, verify
 from dynarch.errors import DynarchError
 from dynarch.history_store import HistoryReader
 from dynarch.models import build_from_config
@@ -116,7 +116,10 @@ def _version_weights(run_dir: Path, version: int, wanted: bool) -> dict[str, Any
             "trainer.keep_versions=true); load(..., weights=False) gives its shapes"
         )
     try:
+        verify(path)  # damaged bytes would load as other weights
         return torch.load(path, map_location="cpu", weights_only=True)
+    except DynarchError as exc:
+        raise LoadError(str(exc)) from None
     except Exception as exc:  # damaged file: zip/pickle raise many kinds
         raise LoadError(f"{path} is not readable weights ({type(exc).__name__})") from None
 

@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,6 +147,17 @@ def noise(old: bytes) -> bytes:
 
 def half(old: bytes) -> bytes:
     return old[: len(old) // 2]
+
+
+def zeroed_4k(old: bytes) -> bytes:
+    """4 KB of zeros inside the largest tensor's bytes: torch.load reads it as other weights."""
+    with zipfile.ZipFile(io.BytesIO(old)) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    header = record.header_offset  # local header: 30 bytes, the name, the extra field
+    start = header + 30 + int.from_bytes(old[header + 26 : header + 28], "little")
+    start += int.from_bytes(old[header + 28 : header + 30], "little")
+    assert record.file_size > 4096
+    return old[:start] + bytes(4096) + old[start + 4096 :]
 
 
 class Payload:
@@ -314,6 +326,13 @@ TABLE: dict[str, Row] = {
     ),
     "resume corrupt checkpoint": Row(
         resume(prior_with_file("checkpoint.pt", noise)), ["checkpoint.pt", "not a readable"]
+    ),
+    "resume checkpoint with 4 KB zeroed": Row(
+        resume(prior_with_file("checkpoint.pt", zeroed_4k)), ["checkpoint.pt", "damaged", "CRC"]
+    ),
+    "new run in a dir that holds a run": Row(
+        lambda tmp, prior: ["run", f"hydra.run.dir={prior}"],
+        ["prior_run holds a run already", "resume="],
     ),
     "resume truncated checkpoint": Row(
         resume(prior_with_file("checkpoint.pt", half)), ["checkpoint.pt", "not a readable"]

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import networkx as nx
@@ -28,7 +30,7 @@ from dynarch.export import read_graphml, to_dot, to_graphml, to_node_link_json
 from dynarch.history import HistoryError, HistoryWriter
 from dynarch.models import count_params, vgg_small
 from dynarch.policies.base import count_macs
-from dynarch.query import Table, group_widths, groups_of
+from dynarch.query import Table, graph_params, group_widths, groups_of
 
 # (step, op, target, k): two mutations share step 3 and step 10
 SCHEDULE = [
@@ -573,3 +575,67 @@ def test_widths_plot_has_one_panel_per_group(live: LiveRun) -> None:
         titles = [ax.get_title() for ax in widths_figure(h).axes if ax.get_title()]
     assert [t.split()[0] for t in titles] == list(groups)
     assert [int(t.split("→")[-1]) for t in titles] == list(last)
+
+
+def _hammer_graph(params: int) -> dict:
+    """A one-layer architecture whose params and group width are both ``params``."""
+    groups = json.dumps([{"name": "g", "width": params, "at_output": False}])
+    node = {"id": "conv", "kind": "module", "params": params}
+    return {
+        "directed": True,
+        "multigraph": False,
+        "graph": {"groups": groups},
+        "nodes": [node],
+        "edges": [],
+    }
+
+
+def _hammer_writer(path: Path, ready: threading.Event, stop: threading.Event, failed: list) -> None:
+    """Append mutations the way the controller does: the event, then the version it made,
+    each its own transaction; version v has v + 1 params."""
+    try:
+        with HistoryWriter(path) as w:
+            w.write_run({}, command="hammer")
+            w.log_architecture(0, _hammer_graph(1))
+            ready.set()
+            n = 1
+            while not stop.is_set() and n < 3000:
+                record = {
+                    **dict(kind="grow", target="conv", group="g", k=1, method="random"),
+                    **dict(width_before=n, width_after=n + 1, indices=[n], modules=["conv"]),
+                    **dict(params_before=n, params_after=n + 1, seconds=0.0, info={}),
+                }
+                event = w.log_mutation(n, 0.0, record)
+                w.log_architecture(n, _hammer_graph(n + 1), event_id=event)
+                n += 1
+    except BaseException as exc:  # reported by the reader's thread
+        failed.append(exc)
+        ready.set()
+
+
+def test_live_reads_are_one_snapshot_while_a_writer_appends(tmp_path: Path) -> None:
+    """version_table() and summary() while a writer logs thousands of versions a second (a
+    thread with its own connection: to SQLite, a run's process; reads raced far more often
+    than against a cycle run): every row consistent, no KeyError, no version without its
+    event, params those of the stored graph. Before one snapshot per query, most reads failed."""
+    path = tmp_path / "history.db"
+    ready, stop, failed = threading.Event(), threading.Event(), []
+    writer = threading.Thread(target=_hammer_writer, args=(path, ready, stop, failed))
+    writer.start()
+    try:
+        ready.wait()
+        with dynarch.history.open(path) as h:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and writer.is_alive():
+                rows = h.version_table().to_dicts()
+                for r in rows:
+                    made = (None, None) if r["version"] == 0 else ("grow", "g")
+                    assert (r["kind"], r["group"]) == made and r["params"] == r["version"] + 1, r
+                assert rows[-1]["params"] == graph_params(h.graph_of_version(len(rows) - 1))
+                s = h.summary()
+                assert s["params_final"] == s["widths_final"]["g"] == s["versions"], s
+                assert s["grows"] in (s["versions"] - 1, s["versions"]), s
+    finally:
+        stop.set()
+        writer.join()
+    assert not failed, failed
