@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dynarch import config as config_module
 from dynarch.config import ConfigValueError, RunConfig, check_values, register
-from dynarch.errors import ConfigError, DynarchError, close_matches
+from dynarch.errors import ConfigError, DynarchError, close_matches, first_line
 from dynarch.history_store import HistoryReader, records_nothing
 from dynarch.launch import launched_ranks
 from dynarch.run_dir import CHECKPOINT, holds_run, owned
@@ -242,8 +242,7 @@ def _saved_config(path: Path) -> dict[str, Any]:
 def _error_line(exc: BaseException, run_dir: Path) -> str:
     """The one line a failed job prints: the error's first line, naming the history file
     for SQLite's errors (which name none: "database or disk is full")."""
-    message = str(exc).strip()
-    line = message.splitlines()[0] if message else type(exc).__name__
+    line = first_line(exc)
     return f"{run_dir / 'history.db'}: {line}" if isinstance(exc, sqlite3.Error) else line
 
 

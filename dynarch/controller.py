@@ -27,7 +27,7 @@ from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
 from dynarch.data import DataSplits, augment, load_data, make_loaders
-from dynarch.errors import ConfigError, DynarchError
+from dynarch.errors import ConfigError, DynarchError, first_line
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import build_from_config, count_params, model_name
@@ -330,7 +330,7 @@ def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.de
     try:
         return build_from_config(model_cfg, *data).to(device)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"model: {first_line(exc)}") from None
 
 
 def _starting_state(
@@ -439,9 +439,8 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
 def _mark_failed(state: RunState, exc: BaseException) -> None:
     """Mark the history failed with the error's first line, where it can still be written:
     a full disk or a read-only run dir must not hide the error that stopped the run."""
-    message = str(exc).strip()
     try:
-        state.history.finish("failed", message.splitlines()[0] if message else type(exc).__name__)
+        state.history.finish("failed", first_line(exc))
     except (sqlite3.Error, OSError):
         pass
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 
 DATASET_NAMES = ("digits", "npz", "cifar10", "cifar100", "imagefolder", "teacher_student")
 
@@ -266,16 +266,15 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except ValueError as exc:
-        if "allow_pickle" not in str(exc):
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"npz file {shown!r} is corrupt or truncated: {reason}") from exc
-        raise DataError(
-            f"npz file {shown!r} holds object (pickled) arrays; dynarch reads only numeric "
-            "arrays and never unpickles"
-        ) from exc
+        if "allow_pickle" in str(exc):
+            raise DataError(
+                f"npz file {shown!r} holds object (pickled) arrays; dynarch reads only numeric "
+                "arrays and never unpickles"
+            ) from exc
+        broken: Exception = exc
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"npz file {shown!r} is corrupt or truncated: {reason}") from exc
+        broken = exc
+    raise DataError(f"npz file {shown!r} is corrupt or truncated: {first_line(broken)}") from broken
 
 
 def _check_npz_split(shown: str, split: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -356,8 +355,7 @@ def _load_cifar(name: str, *, root: str, download: bool, normalize: bool) -> Dat
         train = cls(full_root, train=True, download=download, transform=transform)
         test = cls(full_root, train=False, download=download, transform=transform)
     except (RuntimeError, OSError) as exc:  # URLError is an OSError; missing files a RuntimeError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = "" if download else " (download=False)"
+        reason, hint = first_line(exc), "" if download else " (download=False)"
         raise DataError(f"{name}: cannot load from root {root!r}{hint}: {reason}") from exc
     return DataSplits(
         train=train,
@@ -393,8 +391,7 @@ def _load_imagefolder(path: str | None, *, normalize: bool) -> DataSplits:
         test = datasets.ImageFolder(test_dir, transform=transform)
         first = raw[0][0]
     except (FileNotFoundError, OSError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"imagefolder {path!r}: {reason}") from exc
+        raise DataError(f"imagefolder {path!r}: {first_line(exc)}") from exc
     if test.classes != train.classes:
         raise DataError(
             f"imagefolder {path!r}: test classes {test.classes} differ from train {train.classes}"

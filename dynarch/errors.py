@@ -26,7 +26,18 @@ class InvalidMutationError(DynarchError):
     """A grow/prune request with impossible arguments (k <= 0, pruning a group to zero, ...)."""
 
 
+class MutationFailedError(DynarchError):
+    """A grow/prune failed where no check foresaw it; the model was restored as it was."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' suffix for error messages, or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message (its type's name if it has none): what a
+    user-facing error shows of an exception from below (torch, zipfile, SQLite)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 from dynarch.query_cli import resolve_run
 from dynarch.trained import FORMATS, example_input, export, load, read_model_spec
 
@@ -40,9 +40,7 @@ def main(argv: list[str]) -> int:
         out = args.out if args.out is not None else run_dir / SUFFIX[args.format]
         export(model, example, args.format, out, fold_bn=args.fold_bn)
     except (DynarchError, OSError) as exc:
-        text = str(exc).strip()
-        message = text.splitlines()[0] if text else type(exc).__name__
-        print(f"dynarch: error: {message}", file=sys.stderr)
+        print(f"dynarch: error: {first_line(exc)}", file=sys.stderr)
         return 1
     print(f"{args.format} written to {out}")
     return 0

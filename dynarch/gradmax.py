@@ -35,7 +35,7 @@ from dynarch.growth_context import (
     takes_options,
 )
 from dynarch.layer_kinds import CONSUMER
-from dynarch.probes import batches, buffers_restored, seeded_generator
+from dynarch.probes import batches, buffers_restored, check_finite, seeded_generator
 
 # (consumer name, consumer, its input, dL/d its output) -> the gradient to build M from
 DeltaMap = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -185,7 +185,11 @@ def _stacked(
         row_blocks[name] = (offset, offset + block.shape[0])
         offset += block.shape[0]
     cov, patches = moments.result(samples) if moments is not None else (None, None)
-    return GradientStats(torch.cat(rows), row_blocks, samples, cov, patches)
+    # after the sums over processes: every process refuses together
+    matrix = check_finite(torch.cat(rows), f"the gradient matrix M of init {ctx.init_name!r}")
+    if cov is not None:
+        check_finite(cov, f"the input covariance of init {ctx.init_name!r}")
+    return GradientStats(matrix, row_blocks, samples, cov, patches)
 
 
 class _PatchMoments:

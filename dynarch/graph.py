@@ -10,6 +10,7 @@ these groups only.
 from __future__ import annotations
 
 import json
+import traceback
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,11 +23,12 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
-from dynarch.errors import UnknownTargetError, close_matches
+from dynarch.errors import DynarchError, UnknownTargetError, UnsupportedOpError, close_matches
 from dynarch.layer_kinds import (
     CHANNELWISE,
     CONSUMER,
     PRODUCER,
+    channel_tensors,
     is_weighted,
     kind_of,
     node_attrs,
@@ -188,11 +190,113 @@ def remember_example_inputs(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's trace, without leaving the model in eval mode."""
-    with modes_restored(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs, verbose=False, customized_pruners=torch_pruning_pruners()
-        )
+    """Torch-Pruning's trace, without leaving the model in eval mode; a failure is one line."""
+    # Torch-Pruning calls model(*inputs): a bare batch of one would be unpacked to one sample
+    inputs = (example_inputs,) if torch.is_tensor(example_inputs) else example_inputs
+    try:
+        with modes_restored(model), torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                model, inputs, verbose=False, customized_pruners=torch_pruning_pruners()
+            )
+    except Exception as exc:
+        raise _trace_error(model, example_inputs, exc) from exc
+    _place_concat_inputs(dg)
+    return dg
+
+
+def _trace_error(model: nn.Module, example_inputs: Any, exc: Exception) -> DynarchError:
+    """One line for a failed trace: the model's own forward failing on the inputs, or
+    Torch-Pruning's tracer failing at an op (named from the node its code was handling)."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    lines = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    name = type(model).__name__
+    if isinstance(exc, DynarchError) or not frames:
+        return exc if isinstance(exc, DynarchError) else DynarchError(f"{name}: {what}")
+    if "torch_pruning" not in frames[-1].f_code.co_filename:
+        first = exc.__context__ or exc  # Torch-Pruning retries model(inputs) after model(*inputs)
+        lines = str(first).strip().splitlines()
+        what = f"{type(first).__name__}: {lines[0]}" if lines else type(first).__name__
+        shape = tuple(example_inputs.shape) if torch.is_tensor(example_inputs) else "given"
+        return DynarchError(f"{name} fails on example inputs of shape {shape} ({what})")
+    nodes = [v for f in reversed(frames) for v in f.f_locals.values() if isinstance(v, tp.Node)]
+    op = f" at {_describe(model, nodes[0])}" if nodes else ""
+    return UnsupportedOpError(f"cannot trace {name}: Torch-Pruning's tracer fails{op} ({what})")
+
+
+def _describe(model: nn.Module, node: Any) -> str:
+    """A traced node for a message: the module's name, or the op and the module it follows."""
+    names = {m: n for n, m in model.named_modules()}
+    if node.module in names:
+        return f"module {names[node.module]!r}"
+    grad_fn = getattr(node, "grad_fn", None)
+    label = grad_fn.name().split("Backward")[0].lower() if grad_fn else _op_label(node.module)
+    seen, todo = set(), list(node.inputs)
+    while todo:  # breadth-first back to the nearest module
+        prev = todo.pop(0)
+        if prev.module in names:
+            return f"op {label} after {names[prev.module]!r}"
+        if id(prev) not in seen:
+            seen.add(id(prev))
+            todo.extend(prev.inputs)
+    return f"op {label}"
+
+
+def _cat_layout(node: Any) -> tuple[int, int] | None:
+    """(concatenated dim, output size along it) of a traced cat, from its autograd node."""
+    grad_fn = node.grad_fn
+    metadata = getattr(grad_fn, "_input_metadata", ())
+    if not hasattr(grad_fn, "_saved_dim") or len(metadata) != 1:
+        return None
+    shape = list(metadata[0].shape)
+    dim = grad_fn._saved_dim
+    dim = dim + len(shape) if dim < 0 else dim
+    return (dim, shape[dim]) if 0 <= dim < len(shape) else None
+
+
+def _place_concat_inputs(dg: tp.DependencyGraph) -> None:
+    """Give each input of a channel concatenation its offset where Torch-Pruning left none.
+
+    Torch-Pruning checks a cat's width against the layers after it; behind a flatten -> linear
+    that check fails and every input is mapped to offset 0 (a wrong group). The cat's own output
+    shape settles it. A cat whose inputs still cannot be placed is refused (see ``_cat_problem``).
+    """
+    for node in dg.module2node.values():
+        cat = node.module
+        if node.type != tp.ops.OPTYPE.CONCAT or cat.offsets is not None:
+            continue
+        sizes, layout = cat.concat_sizes or [], _cat_layout(node)
+        if (
+            layout is None
+            or layout[0] != 1
+            or None in sizes
+            or sum(sizes) != layout[1]
+            or len(set(node.inputs)) != len(node.inputs)
+            or len(sizes) != len(node.inputs)
+        ):
+            continue
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        cat.offsets = offsets
+        for i, source in enumerate(node.inputs):
+            span = offsets[i : i + 2]
+            for dep in node.dependencies:
+                if dep.target is source:
+                    dep.index_mapping[1] = tp_index_mapping._ConcatIndexMapping(span, reverse=True)
+            for dep in source.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[1] = tp_index_mapping._ConcatIndexMapping(span)
+
+
+def _cat_problem(node: Any) -> str | None:
+    """Why a traced cat cannot carry a channel group: it joins channels at unknown offsets."""
+    if node.module.offsets is not None:
+        return None
+    layout = _cat_layout(node)
+    return (
+        "joins channels at offsets that cannot be inferred" if layout and layout[0] == 1 else None
+    )
 
 
 @contextmanager
@@ -317,6 +421,9 @@ def _channel_group(
 ) -> ChannelGroup:
     width = dg.get_out_channels(module)
     pruner = dg.get_pruner_of_module(module)
+    problem, reached = _walk_without_indices(dg, module, module_names, ids)
+    if problem:
+        return _refused_group(module, width, problem, reached, module_names, ids)
     tp_group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
     members: list[GroupMember] = []
     ops: list[str] = []
@@ -331,15 +438,8 @@ def _channel_group(
             ops.append(ids[node])
             if node.type == tp.ops.OPTYPE.OUTPUT:
                 at_output = True
-            elif node.type == tp.ops.OPTYPE.PARAMETER:
-                unsupported = unsupported or _unknown_layer(dg, target)
-            elif node.type in _OP_TYPES_UNSUPPORTED:
-                unsupported = unsupported or f"op {ids[node]} ({_OP_TYPES_UNSUPPORTED[node.type]})"
-            elif any(
-                k in ids[node].lower() or k in str(getattr(target, "_grad_fn", ""))
-                for k in _CHANNEL_REARRANGING
-            ):
-                unsupported = unsupported or f"op {ids[node]} rearranges channels"
+            else:
+                unsupported = unsupported or _op_problem(dg, node, ids[node])
             continue
         mname = module_names[target]
         reason = unsupported_reason(target)
@@ -352,6 +452,7 @@ def _channel_group(
         member, problem = _placement(
             mname, side, role_of(target, side), item.idxs, item.root_idxs, width
         )
+        problem = problem or _overflow(target, member)
         if problem:
             unsupported = unsupported or f"{mname}: {problem}"
             continue
@@ -367,6 +468,119 @@ def _channel_group(
         ops=tuple(sorted(set(ops))),
         at_output=at_output,
         unsupported=unsupported,
+    )
+
+
+def _walk_without_indices(
+    dg: tp.DependencyGraph, module: nn.Module, module_names: dict, ids: dict
+) -> tuple[str | None, list[tuple[Any, Any]]]:
+    """The first unsupported op or layer the group certainly holds, and the (node, handler)
+    steps reached, walking Torch-Pruning's dependencies without channel indices: expanding the
+    indices takes minutes per layer through MaxViT's window reshapes. Only a concat can drop
+    channels on the way (each input keeps its own), so the walk stops at one."""
+    root = (dg.module2node[module], dg.get_pruner_of_module(module).prune_out_channels)
+    todo, seen, problem = [root], {root: None}, None
+    while todo:
+        node, fn = todo.pop()
+        for dep in node.dependencies:
+            step = (dep.target, dep.handler)
+            if not dep.is_triggered_by(fn) or step in seen:
+                continue
+            seen[step] = None
+            target = dep.target.module
+            if target in module_names:
+                reason = unsupported_reason(target)
+                found = reason and f"{module_names[target]}: {reason}"
+            else:
+                found = dep.target.type != tp.ops.OPTYPE.OUTPUT and _op_problem(
+                    dg, dep.target, ids[dep.target]
+                )
+            problem = problem or found or None
+            if dep.target.type != tp.ops.OPTYPE.CONCAT:
+                todo.append(step)
+    return problem, list(seen)
+
+
+def _refused_group(
+    module: nn.Module, width: int, problem: str, reached: list, module_names: dict, ids: dict
+) -> ChannelGroup:
+    """An unsupported group from the walk: its members span their whole channel dimension
+    (nothing will be mutated; the members say which layers the refusal concerns)."""
+    members = []
+    for node, handler in reached:
+        target = node.module
+        if target not in module_names or unsupported_reason(target):
+            continue
+        kind = kind_of(target)
+        out_side = handler.__name__.startswith("prune_out")
+        side = "out" if out_side or not (kind and kind.two_sided) else "in"
+        role = role_of(target, side)
+        tensors = channel_tensors(target, role)
+        size = getattr(target, tensors[0].attr).shape[tensors[0].dim] if tensors else width
+        if size % width == 0 and (role != PRODUCER or size == width):
+            members.append(GroupMember(module_names[target], side, role, 0, size, size // width))
+    order = {n: i for i, n in enumerate(module_names.values())}
+    unique = sorted(dict.fromkeys(members), key=lambda m: (order[m.module], m.side != "out"))
+    producers = [m.module for m in unique if m.role == PRODUCER] or [module_names[module]]
+    ops = sorted({ids[node] for node, _ in reached if node.module not in module_names})
+    return ChannelGroup(
+        name=min(producers, key=order.__getitem__),
+        width=width,
+        members=tuple(unique),
+        ops=tuple(ops),
+        unsupported=problem,
+    )
+
+
+def _op_problem(dg: tp.DependencyGraph, node: Any, name: str) -> str | None:
+    """Why the channels of a group cannot pass through this traced op, or None."""
+    op = node.module
+    if node.type == tp.ops.OPTYPE.PARAMETER:
+        return _unknown_layer(dg, op)
+    if node.type == tp.ops.OPTYPE.CONCAT:
+        problem = _cat_problem(node)
+        return f"op {name} {problem}" if problem else None
+    if node.type in _OP_TYPES_UNSUPPORTED:
+        return f"op {name} ({_OP_TYPES_UNSUPPORTED[node.type]})"
+    if any(
+        k in name.lower() or k in str(getattr(op, "_grad_fn", "")) for k in _CHANNEL_REARRANGING
+    ):
+        return f"op {name} rearranges channels"
+    if node.type == tp.ops.OPTYPE.ELEMENTWISE and _changes_channel_count(node):
+        return f"op {name} changes the channel count (e.g. pad, sum or broadcast over channels)"
+    return None
+
+
+def _channel_count(node: Any) -> tuple[int, int] | None:
+    """(rank, size of dim 1) of a traced node's single output, when autograd recorded it."""
+    metadata = getattr(node.grad_fn, "_input_metadata", ())
+    if len(metadata) != 1 or len(metadata[0].shape) < 2:
+        return None
+    shape = metadata[0].shape
+    return len(shape), shape[1]
+
+
+def _changes_channel_count(node: Any) -> bool:
+    """An op Torch-Pruning treats as channel-preserving whose output has another channel count
+    than one of its inputs (``F.pad`` over channels, ``x.sum(1, keepdim=True)``, ``x * mask``
+    with a one-channel mask)."""
+    out = _channel_count(node)
+    ins = [_channel_count(n) for n in node.inputs]
+    return out is not None and any(i is not None and i[0] == out[0] and i != out for i in ins)
+
+
+def _overflow(module: nn.Module, member: GroupMember | None) -> str | None:
+    """The coupled channels must exist in the member's tensors; when they do not, an op the
+    tracer took for channel-preserving (a sum over channels, a broadcast) changed the count."""
+    tensors = channel_tensors(module, member.role) if member else []
+    if not tensors:
+        return None
+    size = getattr(module, tensors[0].attr).shape[tensors[0].dim]
+    if member.stop <= size:
+        return None
+    return (
+        f"the group needs {member.stop} {member.side}put channels but it has {size} (an op "
+        "between them changes the channel count: a sum over channels or a broadcast)"
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from dynarch.errors import DynarchError, close_matches
 from dynarch.graph import ChannelGroup
 from dynarch.layer_kinds import CONSUMER, receptive_field
+from dynarch.scalars import as_integer, as_number
 
 
 @dataclass(frozen=True)
@@ -161,17 +162,24 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
         return value
     if scalar is bool:
         ok = isinstance(value, bool)
-    elif scalar is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif scalar is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(value, str):
-            try:
-                value, ok = float(value), True
-            except ValueError:
-                ok = False
+    elif scalar in (int, float):
+        number = _number(value, scalar)
+        ok, value = number is not None, value if number is None else number
     else:
         ok = isinstance(value, str)
     if not ok:
         raise InitOptionError(f"{what} must be {scalar.__name__}, got {value!r}")
     return scalar(value)
+
+
+def _number(value: Any, scalar: type) -> int | float | None:
+    """An int option takes an integer of any kind (``np.int64``, a 0-d tensor); a float option
+    any real number or a numeric string (YAML's ``1e-8``); None for anything else."""
+    if scalar is int:
+        return as_integer(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return as_number(value)

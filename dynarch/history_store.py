@@ -10,6 +10,7 @@ lives here; :mod:`dynarch.query` asks the reader, and :mod:`dynarch.history` is 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import zlib
@@ -102,11 +103,32 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
+def _create_file(path: Path) -> None:
+    """A new history, made under a temporary name and renamed: ``path`` never exists half
+    made. (A run killed while SQLite created it in place left a hot rollback journal, which a
+    read-only reader cannot roll back: neither resumable nor restartable.) Side files of an
+    earlier, empty ``path`` go first: SQLite would apply a stale journal to the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    for stale in (tmp, path):
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            if stale is tmp or suffix:
+                Path(f"{stale}{suffix}").unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        _create_schema(conn)
+    finally:
+        conn.close()  # the last connection: the WAL is checkpointed into the file
+    os.replace(tmp, path)
+
+
 class HistoryWriter:
     """Append-only writer of one run's history; every method is one committed transaction."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            _create_file(self.path)
         self.conn = _connect(self.path, read_only=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -349,8 +371,8 @@ def records_nothing(path: Path) -> bool:
     stopped before its first checkpoint). A file that is not SQLite holds something."""
     if not path.is_file() or path.stat().st_size == 0:
         return True
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:  # read-write: the run dir's owner asks; SQLite rolls a hot journal back first
+        conn = sqlite3.connect(path)
         try:
             tables = {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 
 BUILTIN_MODELS = ("vgg_small", "resnet_small", "wrn")
 TORCHVISION_PREFIX = "torchvision:"
@@ -322,8 +322,7 @@ def _check_input_fits(
         with torch.no_grad():
             out = model(torch.zeros(1, in_channels, image_size, image_size))
     except Exception as exc:  # shape errors come as RuntimeError, ValueError, AssertionError...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelInputError(f"{name} cannot take {shape} images: {reason}") from None
+        raise ModelInputError(f"{name} cannot take {shape} images: {first_line(exc)}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):

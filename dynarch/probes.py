@@ -7,12 +7,15 @@ running statistics, train/eval flags, ``.grad`` fields), so a probe never change
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from dynarch.errors import InvalidMutationError
 
 
 def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -25,7 +28,54 @@ def batches(data: Any, max_samples: int) -> Iterable[tuple[torch.Tensor, torch.T
             return
         take = min(len(x), max_samples - seen)
         seen += take
-        yield x[:take], y[:take]
+        yield x[:take], None if y is None else y[:take]  # no labels: a deepen's statistics
+
+
+def batches_to_reread(data: Any, max_samples: int) -> Any:
+    """``data`` as batches that every statistics pass reads alike: a batch ``(x, y)`` or a list
+    of batches as given; anything else (a DataLoader, a generator) read once into a list of the
+    batches of its first ``max_samples`` samples (a generator would be empty on the second
+    pass, a shuffling DataLoader would give other samples)."""
+    if data is None or isinstance(data, (tuple, list)):
+        return data
+    return list(batches(data, max_samples))
+
+
+def check_finite_data(
+    data: Any,
+    max_samples: int | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Refuse data with NaN or Inf in its first ``max_samples`` samples (None: all), in one
+    line before anything is changed: it would silently become NaN BatchNorm statistics and
+    weights. Reads a batch ``(x, y)`` or a list of batches only (an iterator would be used up).
+    ``reduce_sum`` counts over all processes, so that every process refuses together."""
+    if data is None or not isinstance(data, (tuple, list)):
+        return
+    bad = 0
+    for x, y in batches(data, sys.maxsize if max_samples is None else max_samples):
+        for t in (x, y):
+            if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()):
+                bad += int((~torch.isfinite(t)).sum())
+    if reduce_sum is not None:
+        bad = int(reduce_sum(torch.tensor(float(bad), device=device)))
+    if bad:
+        raise InvalidMutationError(
+            f"the data holds {bad} NaN or infinite value(s); statistics on it would poison "
+            "the model (nothing was changed)"
+        )
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor`` when it holds no NaN or Inf, else one line: a statistic of finite data that
+    is not finite comes from a model whose outputs or gradients have diverged, and installing
+    what it gives would spread NaN to every output."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidMutationError(
+            f"{what} is not finite (NaN or Inf: has the model diverged?); nothing was changed"
+        )
+    return tensor
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 from dynarch.export import FORMATS, export_graph
 from dynarch.query import History, Table, _cell, compare, node_changes
 
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     except _UsageError as exc:
         return _fail(str(exc))
     except (DynarchError, sqlite3.Error, OSError) as exc:
-        return _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return _fail(first_line(exc))
     return 0
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynarch.basic_inits import group_batchnorm, mean_fan_in_norm, start_batchnorm
+from dynarch.errors import DynarchError
 from dynarch.fanin import grown_copy, whitening, zeros_when_unsupported
 from dynarch.gradmax import (
     existing_fan_out_norm,
@@ -137,6 +138,8 @@ def tiny_init(ctx: GrowthContext) -> NewChannels:
     growth batch is kept apart for the line search; 0: it uses the statistics' own samples,
     which on the CIFAR subset fitted the batch and cost 0.043 accuracy, docs/study.md)."""
     max_samples = ctx.options.max_samples
+    if ctx.data is None or ctx.loss_fn is None:
+        raise DynarchError(f"init {ctx.init_name!r} needs data=(x, y) (or batches) and loss_fn")
     ctx, search = _split(ctx, ctx.options.held_out, max_samples)
     norm_info = group_batchnorm(ctx)
     behind_bn = norm_info is not None
@@ -197,9 +200,10 @@ def _channels(ctx, alpha, omega, norm, behind_bn, row_blocks) -> tuple[NewChanne
 def _split(ctx: GrowthContext, held_out: float, max_samples: int) -> tuple[GrowthContext, list]:
     """The context whose data the statistics use, and the batches of the line search: the
     same, or with ``held_out`` in (0, 1) that share of the samples, kept apart (a line search
-    on the samples that chose the neurons fits them, not the data)."""
+    on the samples that chose the neurons fits them, not the data). Fewer than 4 samples are
+    not split: a 1-sample half cannot pass a train-mode BatchNorm at 1x1 resolution."""
     data = list(batches(ctx.data, max_samples))
-    if not 0 < held_out < 1:
+    if not 0 < held_out < 1 or sum(len(b[0]) for b in data) < 4:
         return ctx, data
     x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
     cut = min(max(1, round(len(x) * (1 - held_out))), len(x) - 1)

@@ -21,7 +21,7 @@ from torch import nn
 from dynarch.checkpoint import FILENAME as CHECKPOINT
 from dynarch.checkpoint import load as load_checkpoint
 from dynarch.checkpoint import replay, verify
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 from dynarch.history_store import HistoryReader
 from dynarch.models import build_from_config
 
@@ -101,7 +101,7 @@ def load(run: str | Path, step: int | None = None, weights: bool = True) -> nn.M
         if weights:
             model.load_state_dict(state)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise LoadError(f"{run_dir}: cannot rebuild the model: {_first_line(exc)}") from None
+        raise LoadError(f"{run_dir}: cannot rebuild the model: {first_line(exc)}") from None
     return model.eval()
 
 
@@ -141,7 +141,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     try:
         return fuse(model.eval())
     except Exception as exc:  # not symbolically traceable (data-dependent control flow)
-        raise LoadError(f"cannot fold BatchNorm: {_first_line(exc)}") from None
+        raise LoadError(f"cannot fold BatchNorm: {first_line(exc)}") from None
 
 
 def export(
@@ -179,8 +179,3 @@ def _export_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
         model, (batch,), str(path), input_names=["input"], output_names=["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
     )  # fmt: skip
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

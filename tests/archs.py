@@ -38,6 +38,23 @@ class ShuffleNetLike(nn.Module):
         return self.head(torch.relu(self.conv2(self.shuffle(self.conv1(x))))).mean((2, 3))
 
 
+class SelfConcat(nn.Module):
+    """A tensor concatenated with a function of itself, then flatten -> linear: Torch-Pruning
+    leaves this cat without offsets (its width check stops at the linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.d = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(24 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c(x)))
+        x = torch.cat([x, torch.relu(self.d(x))], 1)
+        return self.fc(torch.flatten(x, 1))
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm affine params and running stats: eval outputs depend on them."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +86,7 @@ ARCHS = {
         (2, 3, 32, 32),
     ),
     "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32)),
+    "self_concat": (SelfConcat, (2, 3, 8, 8)),
 }
 
 

@@ -8,10 +8,12 @@ import json
 import networkx as nx
 import pytest
 import torch
-from archs import ShuffleNetLike, build
+import torchvision
+from archs import SelfConcat, ShuffleNetLike, build
 from graph_formats import assert_networkx_round_trips, non_scalar_attributes
 
 import dynarch
+from dynarch.errors import DynarchError, UnsupportedOpError
 from dynarch.models import wrn
 from dynarch.query import groups_of
 
@@ -154,3 +156,60 @@ def test_graph_follows_mutations() -> None:
     assert graph.nx.nodes["layer2.0.conv2"]["in_channels"] == 21
     assert graph.group_of("layer3.0.shortcut.conv").width == 29
     assert graph.nx.nodes["fc"]["in_channels"] == 29
+
+
+def test_concat_of_a_tensor_with_a_function_of_itself_before_a_linear() -> None:
+    """cat([x, relu(d(x))]) -> flatten -> linear: x's 8 channels are the first 8 of the cat
+    (128 features), d's 16 the next (features 128..384); d produces only its own group."""
+    graph = dynarch.ArchGraph.from_module(SelfConcat(), torch.randn(1, 3, 8, 8))
+    assert _members(graph.group_of("c")) == {
+        ("c", 0, 8, 1),
+        ("bn", 0, 8, 1),
+        ("d", 0, 8, 1),
+        ("fc", 0, 128, 16),
+    }
+    assert graph.group_of("c").producers == ["c"]
+    assert _members(graph.group_of("d")) == {("d", 0, 16, 1), ("fc", 128, 384, 16)}
+    assert graph.targets() == ["c", "d"]
+
+
+class _PadChannels(torch.nn.Module):
+    """Pads the channel dimension: the conv's channels no longer start at 0 in the next conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.pad(self.a(x), (0, 0, 0, 0, 1, 1))).mean((2, 3))
+
+
+class _SumChannels(_PadChannels):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = torch.nn.Conv2d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).sum(1, keepdim=True)).mean((2, 3))
+
+
+@pytest.mark.parametrize("model", [_PadChannels, _SumChannels])
+def test_ops_that_change_the_channel_count_are_refused(model) -> None:
+    """Torch-Pruning takes pad and sum for channel-preserving; growing 'a' through them would
+    silently change the function (pad) or fail deep in the surgery (sum)."""
+    graph = dynarch.ArchGraph.from_module(model(), torch.randn(1, 3, 4, 4))
+    assert "channel" in graph.group_of("a").unsupported
+    assert graph.targets() == []
+
+
+def test_a_tracer_crash_is_one_line_naming_the_model_and_the_op() -> None:
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=4)
+    with pytest.raises(UnsupportedOpError) as info:
+        dynarch.ArchGraph.from_module(model, torch.randn(1, 3, 16, 16))
+    message = str(info.value)
+    assert "\n" not in message and "ShuffleNetV2" in message and "op view after" in message
+    with pytest.raises(DynarchError, match="Inception3 fails on example inputs of shape"):
+        dynarch.ArchGraph.from_module(
+            torchvision.models.inception_v3(init_weights=False, aux_logits=False, num_classes=4),
+            torch.randn(1, 3, 16, 16),
+        )

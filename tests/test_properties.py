@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from archs import randomize_norms
+from archs import SelfConcat, randomize_norms
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from torch.nn import functional as F
 
 import dynarch
 from dynarch.models import resnet_small, vgg_small
@@ -17,6 +18,7 @@ ARCHS = {
     "vgg_small": lambda: vgg_small(num_classes=10, in_channels=3, width=6, image_size=8),
     "resnet_small": lambda: resnet_small(num_classes=10, in_channels=3, width=6),
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25),
+    "self_concat": SelfConcat,
 }
 # Inits whose growth must leave the eval-mode outputs unchanged. "random" is zero fan-in only up
 # to an epsilon: close to the same function, not equal. (net2net's split is exact too, but only
@@ -28,6 +30,7 @@ MUTATIONS = st.lists(
         st.integers(0, 10_000),
         st.integers(1, 3),
         st.sampled_from([*FUNCTION_PRESERVING, "random"]),
+        st.sampled_from([None, float("nan"), float("inf")]),  # first try growth data with this
     ),
     min_size=20,
     max_size=20,
@@ -57,6 +60,21 @@ def assert_graph_matches_modules(model) -> None:
             assert attrs["out_channels"] == model.get_submodule(name).weight.shape[0]
 
 
+def assert_poisoned_data_refused(model, opt, target, k, init, data, value: float) -> None:
+    """Growth data holding a NaN or Inf is refused; model and optimizer stay as they were."""
+    x, y = data
+    x = x.clone()
+    x[-1, 0, 0, 0] = value
+    params = {n: t.clone() for n, t in model.state_dict().items()}
+    state = {p: {n: t.clone() for n, t in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(dynarch.DynarchError, match="NaN or infinite"):
+        dynarch.grow(model, target, k, init, (x, y), F.cross_entropy, optimizer=opt)
+    assert model.state_dict().keys() == params.keys()
+    assert all(torch.equal(t, params[n]) for n, t in model.state_dict().items())
+    assert opt.state.keys() == state.keys()
+    assert all(torch.equal(t, state[p][n]) for p, s in opt.state.items() for n, t in s.items())
+
+
 def reproducible(examples: int) -> settings:
     """Derandomized so CI is reproducible; no shrinking, so a failure is reported in seconds."""
     return settings(
@@ -78,12 +96,14 @@ def test_random_mutation_sequences(arch: str, mutations) -> None:
     y = torch.arange(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     targets = dynarch.ArchGraph.from_module(model, x).targets()
-    for kind, pick, k, init in mutations:
+    for kind, pick, k, init, poison in mutations:
         target = targets[pick % len(targets)]
         if kind == "grow":
             model.eval()
             with torch.no_grad():
                 before = model(x)
+            if poison is not None:
+                assert_poisoned_data_refused(model, opt, target, k, init, (x, y), poison)
             dynarch.grow(model, target, k, init=init, optimizer=opt)
             if init in FUNCTION_PRESERVING:
                 with torch.no_grad():

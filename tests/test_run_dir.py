@@ -134,3 +134,28 @@ def test_what_a_fresh_start_would_lose(tmp_path: Path) -> None:
         assert not records_nothing(path)
     path.write_bytes(os.urandom(4096))
     assert not records_nothing(path)
+
+
+HOT_JOURNAL = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size=1")  # spill to the file mid-transaction: a hot journal
+conn.execute("BEGIN")
+conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+for i in range(200):
+    conn.execute("INSERT INTO meta VALUES (?, ?)", (str(i), "x" * 2000))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_history_killed_while_being_made_records_nothing(tmp_path: Path) -> None:
+    """SIGKILL inside SQLite's first transaction leaves a hot rollback journal, which only a
+    read-write open rolls back (benchmarks/reliability.py found runs killed there that could
+    be neither resumed nor started over)."""
+    path = tmp_path / "history.db"
+    subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(path)], check=False)
+    assert Path(f"{path}-journal").stat().st_size > 0 and path.stat().st_size > 0
+    assert records_nothing(path)
+    with HistoryWriter(path) as writer:  # and a writer makes a whole history of it
+        writer.write_run({"trainer": {}})
+    assert history_rows(path.parent)["run"]["status"] == "running"

@@ -104,3 +104,21 @@ def test_residual_stream_falls_back_to_zeros() -> None:
         model, "layer1.0.conv2", 4, init="tiny", data=(x, y), loss_fn=nn.CrossEntropyLoss()
     )
     assert rec.info["fallback"].startswith("zeros: ")
+
+
+def test_no_data_is_one_line_and_two_samples_are_not_split() -> None:
+    """Without data, the one-line "needs data" of every data initializer (was a TypeError);
+    a 2-sample batch behind BatchNorm at 1x1 grows (its held-out half would be 1 sample,
+    which train-mode BatchNorm refuses: reliability fuzz, docs/reliability.md)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.Flatten()
+    )
+    x, y = torch.randn(2, 3, 1, 1), torch.randn(2, 5)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(dynarch.DynarchError, match=r"^init 'tiny' needs data=\(x, y\)"):
+        dynarch.grow(model, "0", 2, "tiny", example_inputs=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    record = dynarch.grow(model, "0", 2, "tiny", (x, y), nn.functional.mse_loss)
+
+    assert record.width_after == 6 and model(x).shape == (2, 5)

@@ -18,8 +18,7 @@ class Fixed:
     """``k`` channels every time."""
 
     def __init__(self, k: int) -> None:
-        check_positive("k", k)
-        self.k = k
+        self.k = check_positive("k", k)
 
     def how_many(self, state: TrainState, target: str) -> tuple[int, str]:
         return self.k, ""
@@ -29,8 +28,7 @@ class FractionOfInitial:
     """⌈fraction x the layer's width at the start of the run⌉: linear growth (the paper's)."""
 
     def __init__(self, fraction: float) -> None:
-        check_fraction("fraction_of_initial", fraction)
-        self.fraction = fraction
+        self.fraction = check_fraction("fraction_of_initial", fraction)
 
     def how_many(self, state: TrainState, target: str) -> tuple[int, str]:
         width = state.initial_widths.get(target, state.width(target))
@@ -41,8 +39,7 @@ class FractionOfCurrent:
     """⌈fraction x the layer's current width⌉: geometric growth."""
 
     def __init__(self, fraction: float) -> None:
-        check_fraction("fraction_of_current", fraction)
-        self.fraction = fraction
+        self.fraction = check_fraction("fraction_of_current", fraction)
 
     def how_many(self, state: TrainState, target: str) -> tuple[int, str]:
         return math.ceil(self.fraction * state.width(target)), ""
@@ -60,9 +57,8 @@ class North:
     """
 
     def __init__(self, epsilon: float = 0.01, gamma: float = 0.9) -> None:
-        check_fraction("epsilon", epsilon)
-        check_fraction("gamma", gamma)
-        self.epsilon, self.gamma = epsilon, gamma
+        self.epsilon = check_fraction("epsilon", epsilon)
+        self.gamma = check_fraction("gamma", gamma)
         self.reference: dict[str, float] = {}
 
     def how_many(self, state: TrainState, target: str) -> tuple[int, str]:
@@ -91,9 +87,8 @@ class GradientSVD:
     """
 
     def __init__(self, fraction: float = 1.0, max_k: int | None = None) -> None:
-        check_fraction("fraction", fraction)
-        check_positive("max_k", max_k, allow_none=True)
-        self.fraction, self.max_k = fraction, max_k
+        self.fraction = check_fraction("fraction", fraction)
+        self.max_k = check_positive("max_k", max_k, allow_none=True)
 
     def how_many(self, state: TrainState, target: str) -> tuple[int, str]:
         signal = gradient_signal(state, target)

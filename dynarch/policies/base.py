@@ -19,28 +19,37 @@ from torch import nn
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph, remember_example_inputs
 from dynarch.probes import buffers_restored, modes_restored
+from dynarch.scalars import as_number, as_positive
 
 
 class PolicyError(DynarchError):
     """A policy argument that cannot work; the message names it."""
 
 
-def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    """Policy arguments that count steps or channels must be positive integers."""
+def check_positive(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """Policy arguments that count steps or channels must be positive integers (of any kind:
+    ``np.int64``, a 0-d tensor); returned as an ``int``, so what the policy keeps (and its
+    checkpointed state) is plain."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    n = as_positive(value)
+    if n is None:
         raise PolicyError(f"{name} must be a positive integer, got {value!r}")
+    return n
 
 
-def check_fraction(name: str, value: Any, allow_none: bool = False, below_one: bool = False):
-    """A fraction must be a number > 0 (and < 1 where it is a share of what exists)."""
+def check_fraction(
+    name: str, value: Any, allow_none: bool = False, below_one: bool = False
+) -> float | None:
+    """A fraction must be a number > 0 (and < 1 where it is a share of what exists); returned
+    as a ``float``."""
     if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if not ok or (below_one and value >= 1):
+        return None
+    number = as_number(value)
+    if number is None or not number > 0 or (below_one and number >= 1):
         bound = "in (0, 1)" if below_one else "> 0"
         raise PolicyError(f"{name} must be {bound}, got {value!r}")
+    return number
 
 
 @dataclass

@@ -43,7 +43,7 @@ def limits_from(**given: int | str | None) -> dict[str, int | str]:
         if isinstance(value, str):
             _multiple(name, value)
         else:
-            check_positive(name, value, allow_none=True)
+            value = check_positive(name, value, allow_none=True)
         if value is not None:
             limits[name.split("_", 1)[1]] = value
     return limits

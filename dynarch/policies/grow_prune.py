@@ -50,7 +50,7 @@ class Grow:
         max_macs: int | str | None = None,
     ) -> None:
         self.amount = amount_from(k, fraction_of_initial, fraction_of_current, amount)
-        check_positive("max_width", max_width, allow_none=True)
+        max_width = check_positive("max_width", max_width, allow_none=True)
         self.limits = limits_from(max_params=max_params, max_macs=max_macs)
         self.when, self.where, self.max_width = when, where, max_width
         try:  # a misspelt init or option fails here, not at the first growth mid-run
@@ -121,10 +121,10 @@ class Prune:
                 "Prune needs exactly one of k, ratio, to_params or to_macs"
                 + (f" (got {', '.join(named)})" if named else "")
             )
-        check_positive("k", k, allow_none=True)
-        check_fraction("ratio", ratio, allow_none=True, below_one=True)
+        k = check_positive("k", k, allow_none=True)
+        ratio = check_fraction("ratio", ratio, allow_none=True, below_one=True)
         self.limits = limits_from(to_params=to_params, to_macs=to_macs)
-        check_positive("min_width", min_width)
+        min_width = check_positive("min_width", min_width)
         try:
             check_importance(importance)
         except DynarchError as exc:
@@ -192,14 +192,17 @@ class Cycle:
     def __init__(self, phases: list[dict[str, Any]], repeat: bool = True) -> None:
         if not phases:
             raise PolicyError("Cycle needs at least one phase")
+        checked = []
         for i, phase in enumerate(phases):
             if ("steps" in phase) == ("fraction" in phase):
                 raise PolicyError(f"phases[{i}] needs one of steps or fraction")
             if "steps" in phase:
-                check_positive(f"phases[{i}].steps", phase["steps"])
+                steps = check_positive(f"phases[{i}].steps", phase["steps"])
+                checked.append({**phase, "steps": steps})
             else:
-                check_fraction(f"phases[{i}].fraction", phase["fraction"])
-        self.phases, self.repeat = phases, repeat
+                fraction = check_fraction(f"phases[{i}].fraction", phase["fraction"])
+                checked.append({**phase, "fraction": fraction})
+        self.phases, self.repeat = checked, repeat
 
     def phase_at(self, step: int, total_steps: int) -> int | None:
         lengths = [

@@ -7,11 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from torch import nn
+
 from dynarch.errors import DynarchError, close_matches
 from dynarch.initializers import check_initializer
 from dynarch.policies.base import Mutation, TrainState
 from dynarch.policies.select import resolve_one
+from dynarch.scalars import as_number, as_positive
 from dynarch.surgery.deepen import check_choice, inserted_name
+from dynarch.surgery.plan import check_memory
 from dynarch.surgery.prune import check_importance
 
 OPS = ("grow", "prune", "deepen")
@@ -94,6 +98,8 @@ class Schedule:
                 inserted.append(_check_deepen(where, m, modules, inserted))
             elif not any(m.target.startswith(f"{name}.") for name in inserted):
                 _check_width(where, m, graph, widths)
+                if m.op == "grow":
+                    _check_memory(where, m, graph, state.model)
 
     def decide(self, state: TrainState) -> list[Mutation]:
         # epochs become steps only now (steps per epoch are known), in listed order for ties
@@ -164,6 +170,17 @@ def _check_width(where: str, m: Mutation, graph: Any, widths: dict[str, int]) ->
     widths[group] += change
 
 
+def _check_memory(where: str, m: Mutation, graph: Any, model: nn.Module) -> None:
+    """A growth too large for the machine's memory is refused before training, not when it
+    is due (``grow`` checks again, counting the optimizer's state too)."""
+    group = graph.group_of(m.target)
+    modules = {name: model.get_submodule(name) for name in group.member_modules()}
+    try:
+        check_memory(group, modules, m.k, f"growing {m.target!r}")
+    except DynarchError as exc:
+        raise ScheduleError(f"{where}: {exc}") from None
+
+
 def _parse(entries: Any) -> list[_Entry]:
     if entries is None:
         return []
@@ -190,13 +207,14 @@ def _parse(entries: Any) -> list[_Entry]:
         if len(units) != 1:
             raise ScheduleError(f"{where}: give exactly one of epoch, step or at")
         unit, when = units[0], entry[units[0]]
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or math.isnan(when):
+        number = as_number(when)
+        if number is None or math.isnan(number):
             raise ScheduleError(f"{where}: {unit} must be a number, got {when!r}")
-        if when < 0 or (unit == "at" and when >= 1):
+        if number < 0 or (unit == "at" and number >= 1):
             bound = "a fraction of the run in [0, 1)" if unit == "at" else ">= 0"
             raise ScheduleError(f"{where}: {unit} must be {bound}, got {when!r}")
         mutation, fraction = _mutation(where, op, entry)
-        parsed.append(_Entry(index, float(when), unit, mutation, fraction))
+        parsed.append(_Entry(index, number, unit, mutation, fraction))
     return parsed
 
 
@@ -221,12 +239,14 @@ def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> tuple[Mutation, 
     target, k, fraction = entry["target"], entry.get("k", 0), entry.get("fraction")
     if not isinstance(target, str) or not target:
         raise ScheduleError(f"{where}: target must be a module name, got {target!r}")
-    if fraction is None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
-        raise ScheduleError(f"{where}: k must be a positive integer, got {k!r}")
-    if fraction is not None and not (
-        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction > 0
-    ):
-        raise ScheduleError(f"{where}: fraction must be a number > 0, got {fraction!r}")
+    if fraction is None:
+        k, given = as_positive(k), k
+        if k is None:
+            raise ScheduleError(f"{where}: k must be a positive integer, got {given!r}")
+    else:
+        fraction, given = as_number(fraction), fraction
+        if fraction is None or not fraction > 0:
+            raise ScheduleError(f"{where}: fraction must be a number > 0, got {given!r}")
     mutation = Mutation(op=op, target=target, k=k)
     try:
         if op == "grow":

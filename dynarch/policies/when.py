@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from dynarch.policies.base import PolicyError, TrainState, check_positive
+from dynarch.scalars import as_number
 
 
 class EveryNSteps:
@@ -18,8 +19,7 @@ class EveryNSteps:
     def __init__(
         self, n: int, start: int = 0, stop: int | None = None, max_times: int | None = None
     ) -> None:
-        check_positive("n", n)
-        check_positive("max_times", max_times, allow_none=True)
+        n, max_times = check_positive("n", n), check_positive("max_times", max_times, True)
         self.n, self.start, self.stop, self.max_times, self.fired = n, start, stop, max_times, 0
 
     def should_act(self, state: TrainState) -> tuple[bool, str]:
@@ -65,8 +65,8 @@ class EveryFraction:
         for name, value in (("every", every), ("start", start), ("stop", stop)):
             if not _is_fraction(value, allow_zero=name == "start") or value > 1:
                 raise PolicyError(f"{name} must be a fraction of the run in [0, 1], got {value!r}")
-        check_positive("max_times", max_times, allow_none=True)
-        self.every, self.start, self.stop = every, start, stop
+        max_times = check_positive("max_times", max_times, allow_none=True)
+        self.every, self.start, self.stop = float(every), float(start), float(stop)
         self.steps = EveryNSteps(1, max_times=max_times)
 
     def should_act(self, state: TrainState) -> tuple[bool, str]:
@@ -89,7 +89,7 @@ class AtFractions:
     def __init__(self, at: list[float]) -> None:
         if not at or not all(_is_fraction(a, allow_zero=True) and a < 1 for a in at):
             raise PolicyError(f"at must be a list of fractions of the run in [0, 1), got {at!r}")
-        self.at = sorted(at)
+        self.at = sorted(float(a) for a in at)
 
     def should_act(self, state: TrainState) -> tuple[bool, str]:
         hit = [a for a in self.at if round(a * state.total_steps) == state.step]
@@ -97,8 +97,10 @@ class AtFractions:
 
 
 def _is_fraction(value: Any, allow_zero: bool = False) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return number and (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
+    number = as_number(value)
+    if number is None or not math.isfinite(number):
+        return False
+    return number >= 0 if allow_zero else number > 0
 
 
 class LossPlateau:
@@ -107,8 +109,7 @@ class LossPlateau:
     ``patience`` steps before it can fire again."""
 
     def __init__(self, patience: int = 100, window: int = 20, min_delta: float = 0.01) -> None:
-        check_positive("patience", patience)
-        check_positive("window", window)
+        patience, window = check_positive("patience", patience), check_positive("window", window)
         if min_delta < 0:
             raise PolicyError(f"min_delta must be >= 0, got {min_delta!r}")
         self.patience, self.window, self.min_delta = patience, window, min_delta

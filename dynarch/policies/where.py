@@ -88,7 +88,7 @@ class TopScored(AllTargets):
         exclude: list[str] | None = None,
     ) -> None:
         super().__init__(targets, exclude)
-        check_positive("n", n)
+        n = check_positive("n", n)
         self.score_name = score if isinstance(score, str) else getattr(score, "__name__", "score")
         if isinstance(score, str):
             if score not in SCORES:

@@ -21,6 +21,7 @@ optimizer gains the new parameters in the param group of ``after``'s (or the fir
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 from collections import OrderedDict
@@ -37,10 +38,18 @@ from dynarch.errors import (
     UnknownTargetError,
     UnsupportedOpError,
     close_matches,
+    first_line,
 )
 from dynarch.graph import remember_example_inputs
 from dynarch.models import ResidualBlock, count_params
-from dynarch.probes import buffers_restored, modes_restored
+from dynarch.probes import (
+    batches,
+    buffers_restored,
+    check_finite,
+    check_finite_data,
+    modes_restored,
+)
+from dynarch.scalars import as_positive
 from dynarch.surgery.edits import all_or_nothing
 from dynarch.surgery.grow import grow
 from dynarch.surgery.plan import check_forward, eval_output, example_or_batch
@@ -71,7 +80,9 @@ def deepen(
     the conv unit's BatchNorm, or the residual block's last one (``init="gradmax"`` has none;
     it needs ``data`` and ``loss_fn``). ``reduce_sum`` sums statistics over processes."""
     start = time.perf_counter()
-    _check_arguments(kind, init, kernel_size, data, loss_fn)
+    kernel_size = _check_arguments(kind, init, kernel_size, data, loss_fn)
+    device = next((p.device for p in model.parameters()), None)
+    check_finite_data(data, reduce_sum=reduce_sum, device=device)  # before it is remembered
     norm = norm and init != "gradmax"
     example = remember_example_inputs(model, example_or_batch(example_inputs, data))
     parent_name, leaf, module = _resolve(model, after)
@@ -135,13 +146,16 @@ def check_choice(kind: str, init: str = "random") -> None:
 
 
 def _check_arguments(
-    kind: str, init: str, kernel_size: int, data: Any, loss_fn: Callable | None
-) -> None:
+    kind: str, init: str, kernel_size: Any, data: Any, loss_fn: Callable | None
+) -> int:
+    """The kernel size as an ``int`` (an integer of any kind), once every argument is valid."""
     check_choice(kind, init)
     if init == "gradmax" and (data is None or loss_fn is None):
         raise InvalidMutationError("init 'gradmax' needs data=(x, y) and loss_fn")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    size = as_positive(kernel_size)
+    if size is None or size % 2 == 0:
         raise InvalidMutationError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    return size
 
 
 def _gradmax_inner(
@@ -213,7 +227,7 @@ def _input_statistics(
     """Per-channel mean and biased variance of ``module``'s output on ``data``'s first batch
     (all processes' batches with ``reduce_sum``), in train mode (what the new BatchNorm will
     see), with running statistics left as they were."""
-    x = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
+    x, _ = next(iter(batches(data, sys.maxsize)))
     outputs: list[torch.Tensor] = []
     # a clone: the next op may be an in-place ReLU (torchvision's blocks)
     hook = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
@@ -229,6 +243,7 @@ def _input_statistics(
         sums, count = reduce_sum(sums), reduce_sum(count)
     mean = sums[0] / count
     var = (sums[1] / count - mean.pow(2)).clamp_min(0)
+    check_finite(torch.stack([mean, var]), "the statistics of the new BatchNorm's input")
     return mean.to(outputs[0].dtype), var.to(outputs[0].dtype)
 
 
@@ -334,10 +349,9 @@ def _traced(parent: nn.Module, leaf: str) -> torch.fx.Graph:
     try:
         graph = Tracer().trace(parent)
     except Exception as exc:  # noqa: BLE001  (fx raises many kinds; the user needs one line)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedOpError(
             f"cannot insert after {leaf!r}: its parent {type(parent).__name__}'s forward cannot "
-            f"be traced by torch.fx ({first})"
+            f"be traced by torch.fx ({first_line(exc)})"
         ) from None
     return _one_call(graph, parent, leaf)
 

@@ -21,11 +21,19 @@ from dynarch.initializers import (
 )
 from dynarch.layer_kinds import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
 from dynarch.models import count_params
-from dynarch.probes import mean_weight_grads, modes_restored
+from dynarch.probes import (
+    batches_to_reread,
+    check_finite,
+    check_finite_data,
+    mean_weight_grads,
+    modes_restored,
+)
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map, remap
+from dynarch.surgery.guard import one_line_failures
 from dynarch.surgery.plan import (
     check_forward,
     check_k,
+    check_memory,
     check_widths,
     eval_output,
     resolve,
@@ -34,6 +42,7 @@ from dynarch.surgery.plan import (
 from dynarch.surgery.record import MutationRecord
 
 
+@one_line_failures("growing")
 def grow(
     model: nn.Module,
     target: str,
@@ -59,8 +68,12 @@ def grow(
     start = time.perf_counter()
     k = check_k(k)
     initializer, options = check_initializer(init, init_options)
+    data = batches_to_reread(data, options.max_samples)
+    device = next((p.device for p in model.parameters()), None)
+    check_finite_data(data, options.max_samples, reduce_sum, device)  # before it is remembered
     group, _, modules = resolve(model, target, example_inputs, data)
     check_widths(group, modules, k)
+    check_memory(group, modules, k, f"growing {target!r}", optimizer)
     params_before = count_params(model)
 
     name = init_name(init)
@@ -78,6 +91,7 @@ def grow(
     )
     new = new_channels(ctx, initializer)
     _check_new_channels(ctx, new)
+    _check_finite(ctx, new)
 
     edits, tensors = _plan(group, modules, k, new)
     before = eval_output(model)
@@ -177,6 +191,17 @@ def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
                 f"initializer's new_values{key} has {tensor.shape[dim]} entries along dim "
                 f"{dim}, expected {ctx.k * mult}"
             )
+
+
+def _check_finite(ctx: GrowthContext, new: NewChannels) -> None:
+    """NaN or Inf in the new values (statistics of a diverged model: GradMax's gradients, the
+    new BatchNorm's running statistics, firefly's split) is refused, not installed."""
+    tensors = {f"fan_in[{n!r}]": t for n, t in new.fan_in.items()}
+    tensors |= {f"fan_out[{n!r}]": t for n, t in new.fan_out.items()}
+    tensors |= {f"new_values{key}": t for key, t in new.new_values.items()}
+    tensors |= {f"existing{key}": t for key, t in new.existing.items()}
+    for name, tensor in tensors.items():
+        check_finite(tensor, f"{name} from initializer {ctx.init_name!r}")
 
 
 def _plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -13,10 +14,12 @@ from dynarch.errors import (
     UnknownTargetError,
     UnsupportedOpError,
     close_matches,
+    first_line,
 )
 from dynarch.graph import ChannelGroup, remember_example_inputs, trace_group
 from dynarch.layer_kinds import channel_tensors, is_weighted, sync_sizes, width_problem
 from dynarch.probes import modes_restored
+from dynarch.scalars import as_positive
 from dynarch.surgery.edits import TensorEdit, remap, remap_optimizer
 
 
@@ -56,9 +59,12 @@ def example_or_batch(example_inputs: Any, data: Any) -> Any:
 
 
 def check_k(k: Any, what: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    """``k`` as an ``int``: any integer > 0 (``np.int64(4)``, ``torch.tensor(4)``), not a bool
+    or a float (:func:`dynarch.scalars.as_integer`)."""
+    n = as_positive(k)
+    if n is None:
         raise InvalidMutationError(f"{what} must be a positive integer, got {k!r}")
-    return k
+    return n
 
 
 def check_widths(group: ChannelGroup, modules: dict[str, nn.Module], change: int) -> None:
@@ -75,6 +81,71 @@ def check_widths(group: ChannelGroup, modules: dict[str, nn.Module], change: int
             raise InvalidMutationError(f"{m.module}: {problem}")
 
 
+def growth_bytes(
+    group: ChannelGroup,
+    modules: dict[str, nn.Module],
+    k: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Bytes that growing ``group`` by ``k`` channels allocates, roughly: every member tensor
+    gains ``k`` (x multiplicity) slices, held about 4 times during the surgery (the
+    initializer's values, the resized tensor, its gradient, a working copy) plus once per
+    state tensor the optimizer keeps for a parameter (SGD's momentum, Adam's two moments).
+    An initializer's own statistics (GradMax's M) have the size of one channel, not k."""
+    copies = 4 + _optimizer_states(optimizer)
+    total = 0
+    for m in group.members:
+        module = modules[m.module]
+        for ct in channel_tensors(module, m.role):
+            tensor = getattr(module, ct.attr)
+            per_channel = tensor.numel() // max(1, tensor.shape[ct.dim])
+            total += per_channel * k * m.multiplicity * tensor.element_size() * copies
+    return total
+
+
+def _optimizer_states(optimizer: torch.optim.Optimizer | None) -> int:
+    """The most per-parameter state tensors ``optimizer`` holds for one parameter."""
+    if optimizer is None:
+        return 0
+    counts = (
+        sum(torch.is_tensor(v) and v.dim() > 0 for v in state.values())
+        for state in optimizer.state.values()
+    )
+    return max(counts, default=0)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (the machine's RAM for the CPU), None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf, no such name
+        return None
+    return None
+
+
+def check_memory(
+    group: ChannelGroup,
+    modules: dict[str, nn.Module],
+    k: int,
+    what: str,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Refuse a growth whose allocations (:func:`growth_bytes`) exceed the total memory of the
+    device holding the group: ``k=10**8`` would otherwise die allocating 100+ GB (or swap the
+    machine to a halt). Total, not free, memory: the same request gets the same answer every
+    time and in every process; a growth near the bound may still fail, as any allocation."""
+    device = modules[group.producers[0]].weight.device
+    needed, limit = growth_bytes(group, modules, k, optimizer), device_memory(device)
+    if limit is not None and needed > limit:
+        raise InvalidMutationError(
+            f"{what} by {k} channels needs ~{needed / 1e9:.3g} GB, more than the "
+            f"{limit / 1e9:.3g} GB of memory of {device}; choose a smaller k"
+        )
+
+
 def eval_output(model: nn.Module) -> Any:
     """The model's output on its remembered example inputs, in eval mode, with no side effects."""
     with modes_restored(model, training=False), torch.no_grad():
@@ -87,9 +158,8 @@ def check_forward(model: nn.Module, action: str) -> Any:
     try:
         return eval_output(model)
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedOpError(
-            f"the model's forward fails after {action} ({first_line}); nothing was changed"
+            f"the model's forward fails after {action} ({first_line(exc)}); nothing was changed"
         ) from exc
 
 

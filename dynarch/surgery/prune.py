@@ -14,8 +14,10 @@ from dynarch.errors import DynarchError, InvalidMutationError, close_matches
 from dynarch.graph import ChannelGroup
 from dynarch.layer_kinds import channel_tensors
 from dynarch.models import count_params
-from dynarch.probes import buffers_restored
+from dynarch.probes import buffers_restored, check_finite, check_finite_data
+from dynarch.scalars import as_integer
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, removal_map
+from dynarch.surgery.guard import one_line_failures
 from dynarch.surgery.plan import (
     check_forward,
     check_k,
@@ -45,6 +47,7 @@ def check_importance(importance: str) -> str:
     return importance
 
 
+@one_line_failures("pruning")
 def prune(
     model: nn.Module,
     target: str,
@@ -66,6 +69,7 @@ def prune(
     if (k is None) == (idxs is None):
         raise InvalidMutationError("give exactly one of k (how many) or idxs (which channels)")
     check_importance(importance)
+    check_finite_data(data)  # before it is remembered as the example inputs, or scores
     group, dg, modules = resolve(model, target, example_inputs, data)
     if idxs is not None:
         chosen = _check_idxs(idxs, group)
@@ -110,7 +114,11 @@ def prune(
 
 
 def _check_idxs(idxs: Sequence[int], group: ChannelGroup) -> list[int]:
-    chosen = sorted(int(i) for i in idxs)
+    """The channels as sorted ``int``s (integers of any kind; 1.5 is refused, not rounded)."""
+    given = [as_integer(i) for i in idxs]
+    if None in given:
+        raise InvalidMutationError(f"idxs must be integers, got {list(idxs)}")
+    chosen = sorted(i for i in given if i is not None)
     if not chosen:
         raise InvalidMutationError("idxs is empty: nothing to prune")
     if len(set(chosen)) != len(chosen):
@@ -147,6 +155,8 @@ def _least_important(
             with buffers_restored(model):  # a probe: BatchNorm statistics stay as they were
                 loss_fn(model(x), y).backward()
             scores = IMPORTANCES[importance]()(tp_group)
+            if scores is not None:  # gradients of a diverged model would choose at random
+                check_finite(scores, f"the taylor importance of {target!r}'s channels")
         finally:
             for p, g in grads.items():
                 p.grad = g
