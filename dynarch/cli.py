@@ -193,8 +193,7 @@ class _Job:
         """A run dir without a checkpoint: stopped before its first one, nothing trained. It
         starts over from its config.yaml (said in one line); a history that records more
         than its start is refused instead (its checkpoint is gone)."""
-        history = self.run_dir / "history.db"
-        if not records_nothing(history):
+        if self.main and not records_nothing(self.run_dir / "history.db"):
             raise DynarchError(
                 f"no checkpoint at {self.run_dir / CHECKPOINT}, though its history records "
                 "training (nothing to resume from)"
