@@ -11,6 +11,7 @@ import signal
 import zipfile
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def make_loaders(
     # Own generators: a DataLoader without one draws its workers' base seed from the global
     # RNG at every iter(), so evaluating (or resuming mid-epoch) would shift the random
     # numbers the training and the growth initializers get.
-    train = DataLoader(
+    train = StopSafeLoader(
         splits.train,
         batch_size=batch_size // world,
         sampler=EpochShuffle(len(splits.train), seed, rank, world),
@@ -139,7 +140,7 @@ def make_loaders(
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals,
     )
-    test = DataLoader(
+    test = StopSafeLoader(
         splits.test,
         batch_size=batch_size,
         shuffle=False,
@@ -150,12 +151,34 @@ def make_loaders(
     return train, test
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers never die of the run's stop signals: they are started with
+    Ctrl-C and SIGTERM blocked (a child inherits its parent's signal mask), and unblock them
+    only once they ignore them (:func:`ignore_stop_signals`), so a signal that arrives while
+    a worker starts cannot kill it. The main process gets its signals once they started."""
+
+    def __iter__(self) -> Any:
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # Windows
+            return super().__iter__()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()  # starts the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """In a loader worker: leave Ctrl-C and SIGTERM (sent to the whole process group by a
     terminal or a scheduler) to the main process, which stops the run cleanly between steps
-    and needs the workers for the batch it is on; they end with it."""
+    and needs the workers for the batch it is on; they end with it. Signals that came while
+    the worker started (blocked, see :class:`StopSafeLoader`) are dropped here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def augment(x: torch.Tensor, seed: int, step: int, padding: int = 4) -> torch.Tensor:

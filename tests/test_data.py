@@ -315,12 +315,15 @@ def test_workers_and_augmentation_keep_a_run_reproducible(tmp_path: Path) -> Non
 def test_loader_workers_leave_ctrl_c_to_the_run() -> None:
     """A terminal's Ctrl-C (and a scheduler's SIGTERM) reach every process of the group; a
     worker that died of it would break the batch the run is finishing (or its evaluation)
-    before the run can stop cleanly. Signal the workers mid-epoch: the epoch still ends."""
+    before the run can stop cleanly. Signal the workers as they start (a worker not yet
+    ignoring them died of it: CI, 2026-11-28) and mid-epoch: every epoch still ends."""
     splits = load_data("digits", seed=0)
     train, _ = make_loaders(splits, 16, seed=0, num_workers=2)
-    batches = iter(train)
-    next(batches)
-    for worker in batches._workers:
-        os.kill(worker.pid, signal.SIGINT)
-        os.kill(worker.pid, signal.SIGTERM)
-    assert sum(1 for _ in batches) == len(train) - 1
+    for _epoch in range(3):
+        batches = iter(train)
+        for _moment in ("starting", "mid-epoch"):
+            for worker in batches._workers:
+                os.kill(worker.pid, signal.SIGINT)
+                os.kill(worker.pid, signal.SIGTERM)
+            next(batches)
+        assert sum(1 for _ in batches) == len(train) - 2
