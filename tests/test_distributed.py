@@ -101,7 +101,7 @@ def test_two_processes_mutate_identically_and_match_one_process(tmp_path: Path) 
 
 
 def test_local_parallel_sweep_runs_every_job_and_reports_failures(tmp_path: Path) -> None:
-    args = ["run", "-m", "hydra/launcher=local_parallel", "trainer.epochs=1", "policy=static"]
+    args = ["run", "-m", "hydra/launcher=local_parallel", "trainer.steps=2", "policy=static"]
     ok = dynarch(tmp_path, *args, "trainer.seed=0,1")
     assert ok.returncode == 0, ok.stderr
     dbs = sorted((tmp_path / "runs" / "multirun").glob("*/*/history.db"))

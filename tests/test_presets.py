@@ -19,8 +19,9 @@ PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 # resnet18 in the suite: presets whose cost does not scale with the number of layers (the
 # default, grow_then_prune, runs on it in tests/test_install.py's first hour)
 CHEAP = ["deepen_schedule", "random_schedule"]
-# WRN: every other preset (its selectors resolve like resnet_small's; the suite's time budget)
-PER_MODEL = {"resnet18": CHEAP, "wrn": PRESETS[::2]}
+# the residual nets share the presets between them (the suite's time budget): every preset
+# runs on a residual net, all of them on vgg_small
+PER_MODEL = {"resnet18": CHEAP, "wrn": PRESETS[::2], "resnet_small": PRESETS[1::2]}
 MODELS = {
     "vgg_small": ["model=vgg_small"],
     "resnet_small": ["model=resnet_small"],
