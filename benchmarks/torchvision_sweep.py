@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 
 import dynarch
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, first_line
 
 
 def build(name: str, sizes: list[int]) -> tuple[nn.Module, torch.Tensor, str]:
@@ -64,8 +64,7 @@ def sample(targets: list[str], n: int) -> list[str]:
 
 
 def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def mutate(model: nn.Module, x: torch.Tensor, target: str, k: int) -> str | None:

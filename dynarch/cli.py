@@ -164,10 +164,7 @@ class _Job:
             if self.before["status"] == "completed" and not longer:
                 _LOG.info(f"{self.run_dir} is complete; nothing to resume (extend it: {EXTEND})")
                 return None
-            plain = self.before["config"]
-            if longer:  # a new length replaces the old one (steps, when set, would win)
-                plain["trainer"]["steps"] = None
-                plain["trainer"] |= longer
+            plain = _with_length(self.before["config"], longer)
         else:
             plain = self._new_run(cfg)
         policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
@@ -198,10 +195,7 @@ class _Job:
                 f"no checkpoint at {self.run_dir / CHECKPOINT}, though its history records "
                 "training (nothing to resume from)"
             )
-        plain = _saved_config(self.run_dir / "config.yaml")
-        if longer := _extension():
-            plain["trainer"]["steps"] = None
-            plain["trainer"] |= longer
+        plain = _with_length(_saved_config(self.run_dir / "config.yaml"), _extension())
         _LOG.info(f"{self.run_dir} stopped before its first checkpoint: starting it over")
         self.resume, self.own = False, True
         if self.main:  # what the stopped start left: its history, its failure mark
@@ -253,6 +247,15 @@ def _extension() -> dict[str, int]:
     """``trainer.epochs``/``trainer.steps`` given with ``resume=``: a longer run."""
     given = [o for o in HydraConfig.get().overrides.task if o.startswith(_EXTENDING)]
     return {o.split("=", 1)[0].removeprefix("trainer."): int(o.split("=", 1)[1]) for o in given}
+
+
+def _with_length(plain: dict[str, Any], longer: dict[str, int]) -> dict[str, Any]:
+    """``plain`` with the length given on the command line, if any: it replaces the old one
+    (``steps``, when set, would win over ``epochs``)."""
+    if longer:
+        plain["trainer"]["steps"] = None
+        plain["trainer"] |= longer
+    return plain
 
 
 def _run_row(run_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,13 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
-from dynarch.errors import DynarchError, UnknownTargetError, UnsupportedOpError, close_matches
+from dynarch.errors import (
+    DynarchError,
+    UnknownTargetError,
+    UnsupportedOpError,
+    close_matches,
+    first_line,
+)
 from dynarch.layer_kinds import (
     CHANNELWISE,
     CONSUMER,
@@ -208,15 +214,13 @@ def _trace_error(model: nn.Module, example_inputs: Any, exc: Exception) -> Dynar
     """One line for a failed trace: the model's own forward failing on the inputs, or
     Torch-Pruning's tracer failing at an op (named from the node its code was handling)."""
     frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
-    lines = str(exc).strip().splitlines()
-    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    what = f"{type(exc).__name__}: {first_line(exc)}"
     name = type(model).__name__
     if isinstance(exc, DynarchError) or not frames:
         return exc if isinstance(exc, DynarchError) else DynarchError(f"{name}: {what}")
     if "torch_pruning" not in frames[-1].f_code.co_filename:
         first = exc.__context__ or exc  # Torch-Pruning retries model(inputs) after model(*inputs)
-        lines = str(first).strip().splitlines()
-        what = f"{type(first).__name__}: {lines[0]}" if lines else type(first).__name__
+        what = f"{type(first).__name__}: {first_line(first)}"
         shape = tuple(example_inputs.shape) if torch.is_tensor(example_inputs) else "given"
         return DynarchError(f"{name} fails on example inputs of shape {shape} ({what})")
     nodes = [v for f in reversed(frames) for v in f.f_locals.values() if isinstance(v, tp.Node)]
