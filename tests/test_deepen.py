@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import io
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ import torchvision
 from torch import nn
 
 import dynarch
-from dynarch.controller import _state, apply_mutation
+from dynarch.checkpoint import replay
+from dynarch.controller import _replay_entry, _state, apply_mutation
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.models import resnet_small, vgg_small
@@ -281,3 +284,169 @@ def test_gradmax_residual_blocks_keep_the_function_and_get_the_largest_gradient(
     # measured 2026-11-27: 1.48x (vgg_small) and 1.47x (resnet_small) the random median; with
     # k = C rows out of C x 9 fan-in directions the top-k subspace is a large part of the whole
     assert chosen >= 1.3 * sorted(randoms)[len(randoms) // 2], (chosen, randoms)
+
+
+class _AuxNet(nn.Module):
+    """GoogLeNet's pattern: a training-only auxiliary head, returned beside the output
+    (``tuple_out``) or added into it; fx keeps only the branch live when it traced."""
+
+    def __init__(self, tuple_out: bool) -> None:
+        super().__init__()
+        self.tuple_out = tuple_out
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.relu1(self.conv1(x))
+        aux = self.aux(x) if self.training else None
+        out = self.head(self.conv2(x))
+        if self.tuple_out:
+            return (out, aux) if self.training else out
+        return out if aux is None else out + aux
+
+
+@pytest.mark.parametrize("tuple_out", [True, False])
+@pytest.mark.parametrize("in_train_mode", [True, False])
+@pytest.mark.parametrize("after,kind", [("relu1", "residual"), ("conv2", "conv")])
+def test_training_only_branches_survive_a_deepen_in_either_mode(
+    tuple_out: bool, in_train_mode: bool, after: str, kind: str
+) -> None:
+    torch.manual_seed(0)
+    model, x = _AuxNet(tuple_out).double(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    eval_before, train_before = _outputs(model, x)
+    assert isinstance(train_before, tuple) == tuple_out
+    model.train(in_train_mode)
+    # norm=False: the conv unit is then the identity in train mode too
+    record = deepen(model, after, kind, example_inputs=x, norm=kind == "residual")
+    assert model.training == in_train_mode
+    eval_after, train_after = _outputs(model, x)
+    torch.testing.assert_close(eval_after, eval_before, rtol=0, atol=0)
+    torch.testing.assert_close(train_after, train_before, rtol=0, atol=0)
+    # a resume replays the deepen on a fresh model, in the other mode: the same function
+    replayed = _AuxNet(tuple_out).double().train(not in_train_mode)
+    replay(replayed, [_replay_entry(record)], x)
+    replayed.load_state_dict(model.state_dict())
+    for got, expected in zip(_outputs(replayed, x), _outputs(model, x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class _OptionalArgNet(nn.Module):
+    """A forward with optional arguments: an added tensor (None by default) and a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, features: bool = False
+    ) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        if y is not None:
+            x = x + y
+        x = self.conv2(x)
+        return x if features else self.head(x)
+
+
+class _AddNet(_OptionalArgNet):
+    """The issue's case: ``forward(x, y=None)``, y used without an ``if`` (a raw TypeError)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        x = self.conv2(self.relu1(self.conv1(x)))
+        return self.head(x if y is None else x + y)
+
+
+def test_optional_forward_arguments_keep_every_call_after_a_deepen() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8).double(), torch.randn(4, 8, 8, 8).double()
+    for model, calls, keywords in [
+        (_AddNet(), [(x,), (x, None), (x, y)], [{"y": y}, {"y": None}]),
+        (
+            _OptionalArgNet(),
+            [(x,), (x, None), (x, y), (x, y, True), (x, None, True)],
+            [{"y": y}, {"features": True}, {"y": y, "features": True}],
+        ),
+    ]:
+        model.double()
+        before = [model(*args) for args in calls] + [model(x, **kw) for kw in keywords]
+        signature = inspect.signature(model.forward)
+        deepen(model, "relu1", "residual", example_inputs=x)
+        deepen(model, "conv2", "conv", norm=False)
+        after = [model(*args) for args in calls] + [model(x, **kw) for kw in keywords]
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        assert {"relu1_deep0", "conv2_deep0"} <= set(model._modules)
+        assert inspect.signature(model.forward) == signature  # what torch.export reads
+        with pytest.raises(TypeError):
+            model(x, z=y)  # what the user's forward says to an unknown argument
+
+
+def test_a_dispatched_forward_exports() -> None:
+    torch.manual_seed(0)
+    model, x = _AuxNet(tuple_out=True), torch.randn(2, 3, 8, 8)
+    deepen(model, "relu1", "residual", example_inputs=x)
+    with torch.no_grad():
+        model.relu1_deep0.bn2.weight.fill_(0.5)  # the new block counts
+    exported = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
+
+
+class _CountNet(nn.Module):
+    """An optional argument fx cannot trace given: a Python loop count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor, times: int = 1) -> torch.Tensor:
+        x = self.conv1(x)
+        for _ in range(times):
+            x = self.relu1(x)
+        return x
+
+
+class _KeywordNet(_CountNet):
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:  # type: ignore[override]
+        return self.relu1(self.conv1(x)) * scale
+
+
+class _ManyNet(_CountNet):
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, a: int = 0, b: int = 0, c: int = 0, d: int = 0, e: int = 0
+    ) -> torch.Tensor:
+        return self.relu1(self.conv1(x)) + a + b + c + d + e
+
+
+@pytest.mark.parametrize(
+    "cls,message",
+    [
+        (_CountNet, r"traced by torch.fx in train mode with times given \('Proxy'"),
+        (_KeywordNet, r"optional keyword-only arguments \(scale\)"),
+        (_ManyNet, "has 5 optional arguments, one fx trace per combination; at most 4"),
+    ],
+)
+def test_optional_arguments_fx_cannot_keep_are_one_line_and_change_nothing(
+    cls: type[nn.Module], message: str
+) -> None:
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(2, 3, 8, 8)
+    before = model(x)
+    with pytest.raises(DynarchError, match=message) as info:
+        deepen(model, "conv1", "residual", example_inputs=x)
+    assert "\n" not in str(info.value)
+    assert set(model._modules) == {"conv1", "relu1"} and "forward" not in model.__dict__
+    assert torch.equal(model(x), before)
+
+
+def test_pickling_a_regenerated_forward_is_one_line() -> None:
+    """pickle stores a bound method by name: a loaded copy would run the class's forward,
+    without the new layer."""
+    torch.manual_seed(0)
+    model, x = _AuxNet(tuple_out=False), torch.randn(2, 3, 8, 8)
+    deepen(model, "relu1", "residual", example_inputs=x)
+    with pytest.raises(DynarchError, match="state_dict") as info:
+        torch.save(model, io.BytesIO())
+    assert "\n" not in str(info.value)
+    assert torch.equal(copy.deepcopy(model).eval()(x), model.eval()(x))  # a copy is fine
