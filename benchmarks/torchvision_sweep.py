@@ -91,14 +91,19 @@ def mutate(model: nn.Module, x: torch.Tensor, target: str, k: int) -> str | None
 
 
 def width_mismatch(model: nn.Module) -> str | None:
-    """After mutations, a producer whose real width is not its group's recorded width (the
-    model re-traced), or None. benchmarks/reliability.py's fuzz checks the same."""
+    """After mutations, a producer whose channels in its group (``start:stop``) do not fit its
+    real width or are not the group's width (the model re-traced), or None. A producer may
+    hold several groups side by side (``c`` in ``cat([a(x), b(x)]) + c(z)``: a's group at its
+    channels 0..4, b's at 4..10). benchmarks/reliability.py's fuzz checks the same."""
     graph = dynarch.ArchGraph.from_module(model)
     for group in graph.groups:
         for m in group.members:
             weight = getattr(model.get_submodule(m.module), "weight", None)
-            if m.role == "producer" and weight is not None and weight.shape[0] != group.width:
-                return f"graph says {m.module} has {group.width} channels, it has {weight.shape[0]}"
+            if m.role != "producer" or weight is None:
+                continue
+            if m.stop > weight.shape[0] or m.stop - m.start != group.width:
+                held = f"channels {m.start}..{m.stop} of {weight.shape[0]}"
+                return f"graph says {m.module} holds group {group.name!r} ({group.width}) at {held}"
     return None
 
 

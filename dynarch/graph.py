@@ -14,7 +14,7 @@ import traceback
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -42,7 +42,7 @@ from dynarch.layer_kinds import (
     torch_pruning_pruners,
     unsupported_reason,
 )
-from dynarch.probes import modes_restored
+from dynarch.probes import buffers_restored, modes_restored
 
 # Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
 _CHANNEL_REARRANGING = (
@@ -106,6 +106,16 @@ class ChannelGroup:
 
     def member_modules(self) -> list[str]:
         return sorted({m.module for m in self.members})
+
+    def root(self, target: str) -> str:
+        """The producer to trace this group from for ``target``: ``target`` when its output
+        channels are exactly the group, else the group's name, whose are (``c`` in
+        ``cat([a(x), b(x)]) + c(z)`` holds ``b``'s group at its channels 4..10, not 0..6)."""
+        whole = any(
+            m.module == target and m.role == PRODUCER and m.start == 0 and m.stop == self.width
+            for m in self.members
+        )
+        return target if whole else self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,13 +211,65 @@ def _trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else example_inputs
     try:
         with modes_restored(model), torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(
-                model, inputs, verbose=False, customized_pruners=torch_pruning_pruners()
-            )
+            dg = _dependency_graph(model, inputs, training=False)
+            if _training_only_layers(model, inputs):
+                dg = _dependency_graph(model, inputs, training=True)
     except Exception as exc:
         raise _trace_error(model, example_inputs, exc) from exc
     _place_concat_inputs(dg)
     return dg
+
+
+def _dependency_graph(model: nn.Module, inputs: Any, training: bool) -> tp.DependencyGraph:
+    """Torch-Pruning's trace, which puts the model in eval mode; ``training``: of the
+    training-mode forward instead (batch statistics and random state as they were)."""
+    forward = _training_forward if training else None
+    return tp.DependencyGraph().build_dependency(
+        model, inputs, forward_fn=forward, verbose=False, customized_pruners=torch_pruning_pruners()
+    )
+
+
+def _training_forward(model: nn.Module, inputs: Any) -> Any:
+    with buffers_restored(model), torch.random.fork_rng(_devices(model)):
+        return model.train()(*_two_samples(inputs))
+
+
+def _training_only_layers(model: nn.Module, inputs: Any) -> list[str]:
+    """Layers with parameters that the training-mode forward runs and the eval-mode one does
+    not (GoogLeNet's ``aux = self.aux(x) if self.training else None``): Torch-Pruning traces
+    in eval mode, where their inputs' channels would be grown without them (the next training
+    step failed). One forward per mode, no gradients, statistics and random state kept."""
+    called: dict[bool, set[str]] = {True: set(), False: set()}
+    mode = [False]
+    hooks = [
+        m.register_forward_hook(lambda *_, name=name: called[mode[0]].add(name))
+        for name, m in model.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
+    try:
+        with torch.no_grad(), buffers_restored(model), torch.random.fork_rng(_devices(model)):
+            for mode[0] in (False, True):
+                model.train(mode[0])(*_two_samples(inputs))
+    except Exception:  # noqa: BLE001  (a forward that fails here fails the trace with its line)
+        return []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sorted(called[True] - called[False])
+
+
+def _two_samples(inputs: Any) -> Any:
+    """A batch of one repeated twice: train-mode BatchNorm refuses one value per channel."""
+    return tuple(x.repeat(2, *[1] * (x.dim() - 1)) if _one_sample(x) else x for x in inputs)
+
+
+def _one_sample(x: Any) -> bool:
+    return torch.is_tensor(x) and x.dim() > 0 and len(x) == 1
+
+
+def _devices(model: nn.Module) -> list[torch.device]:
+    """The CUDA devices whose random state a probe forward must leave as it was."""
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
 
 
 def _trace_error(model: nn.Module, example_inputs: Any, exc: Exception) -> DynarchError:
@@ -401,20 +463,25 @@ def _build(model: nn.Module, dg: tp.DependencyGraph) -> ArchGraph:
             group = _channel_group(dg, module, module_names, ids)
             groups.append(group)
             for member in group.members:
-                if member.role == PRODUCER or _owns_dimension(member, g, group):
+                if _owns_dimension(member, g):
                     group_of.setdefault(member.module, group)
                     g.nodes[member.module]["group"] = group.name
+            group_of.setdefault(name, group)
     by_module = {n: group_of[n] for n in module_names.values() if n in group_of}  # module order
     g.graph["groups"] = groups_json(groups)
     return ArchGraph(nx=g, groups=groups, group_by_module=by_module)
 
 
-def _owns_dimension(member: GroupMember, g: nx.DiGraph, group: ChannelGroup) -> bool:
-    """A channel-wise layer (BN, depthwise) whose whole channel dimension is this group's; one
-    after a concatenation serves several groups and belongs to none."""
-    return member.role == CHANNELWISE and member.stop - member.start == g.nodes[member.module].get(
-        "out_channels"
-    )
+def _owns_dimension(member: GroupMember, g: nx.DiGraph) -> bool:
+    """A producer whose last output channels are the group's (all of them, or ``c``'s
+    channels 4..10 in ``cat([a(x), b(x)]) + c(z)``: growing ``c`` grows ``b``, see
+    :func:`_joined_group`), or a channel-wise layer (BN, depthwise) whose whole channel
+    dimension is the group's; one after a concatenation serves several groups and belongs to
+    none."""
+    size = g.nodes[member.module].get("out_channels")
+    if member.role == PRODUCER:
+        return size is None or member.stop == size
+    return member.role == CHANNELWISE and member.stop - member.start == size
 
 
 def _channel_group(
@@ -422,14 +489,21 @@ def _channel_group(
     module: nn.Module,
     module_names: dict[nn.Module, str],
     ids: dict[Any, str],
+    join: bool = True,
 ) -> ChannelGroup:
+    """The group of ``module``'s output channels; when they join several producers' (a
+    residual add onto a concat), the group of their last channels (:func:`_joined_group`)."""
     width = dg.get_out_channels(module)
     pruner = dg.get_pruner_of_module(module)
     problem, reached = _walk_without_indices(dg, module, module_names, ids)
     if problem:
         return _refused_group(module, width, problem, reached, module_names, ids)
     tp_group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+    parts = _joined_parts(module, tp_group.items, width, module_names)
+    if join and parts:
+        return _joined_group(dg, module, parts, module_names, ids)
     members: list[GroupMember] = []
+    whole: set[str] = set()  # producers whose output channels are exactly the group
     ops: list[str] = []
     at_output = False
     unsupported: str | None = None
@@ -461,10 +535,13 @@ def _channel_group(
             unsupported = unsupported or f"{mname}: {problem}"
             continue
         members.append(member)
-    # Members in module order; named after the first producer, whichever member was traced from.
+        if member.role == PRODUCER and member.start == 0:
+            if member.stop == dg.get_out_channels(target):
+                whole.add(mname)
+    # Members in module order; named after the first whole producer, whichever was traced from.
     order = {n: i for i, n in enumerate(module_names.values())}
     unique = sorted(dict.fromkeys(members), key=lambda m: (order[m.module], m.side != "out"))
-    producers = [m.module for m in unique if m.role == PRODUCER] or [module_names[module]]
+    producers = sorted(whole) or [module_names[module]]
     return ChannelGroup(
         name=min(producers, key=order.__getitem__),
         width=width,
@@ -472,6 +549,48 @@ def _channel_group(
         ops=tuple(sorted(set(ops))),
         at_output=at_output,
         unsupported=unsupported,
+    )
+
+
+def _joined_parts(
+    module: nn.Module, items: Sequence[Any], width: int, module_names: dict
+) -> list[Any]:
+    """The other producers that hold only some of ``module``'s output channels: ``a`` and
+    ``b`` for ``c`` in ``cat([a(x), b(x)]) + c(z)``; empty for any other group."""
+    return [
+        item
+        for item in items
+        if item.dep.target.module is not module
+        and item.dep.target.module in module_names
+        and item.dep.handler.__name__.startswith("prune_out")
+        and role_of(item.dep.target.module, "out") == PRODUCER
+        and len(item.idxs) < width
+    ]
+
+
+def _joined_group(
+    dg: tp.DependencyGraph, module: nn.Module, parts: list[Any], module_names: dict, ids: dict
+) -> ChannelGroup:
+    """``module``'s output channels join several groups (a residual add onto a concat, or a
+    residual block deepened behind one): it stands for the group of its *last* channels, the
+    concat's last input, so growing ``c`` by k grows ``b`` and ``c``'s channels 10..10+k. When
+    no layer produces those channels (the concat ends with the model's input, or a depthwise
+    conv of it), the group of ``module`` is refused with that reason."""
+    name, width = module_names[module], dg.get_out_channels(module)
+    last = [item.dep.target.module for item in parts if width - 1 in item.root_idxs]
+    if last:
+        group = _channel_group(dg, last[0], module_names, ids, join=False)
+        if group.unsupported or any(
+            m.module == name and m.role == PRODUCER and m.stop == width for m in group.members
+        ):
+            return group
+    own = _channel_group(dg, module, module_names, ids, join=False)
+    joined = sorted({module_names[item.dep.target.module] for item in parts})
+    return replace(
+        own,
+        unsupported=f"{name}: its output channels join the channel groups of "
+        f"{', '.join(joined)} (a residual add onto a concat) and no layer produces its last "
+        "channels",
     )
 
 

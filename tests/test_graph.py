@@ -11,10 +11,12 @@ import torch
 import torchvision
 from archs import SelfConcat, ShuffleNetLike, build
 from graph_formats import assert_networkx_round_trips, non_scalar_attributes
+from torch import nn
 
 import dynarch
 from dynarch.errors import DynarchError, UnsupportedOpError
 from dynarch.models import wrn
+from dynarch.probes import buffers_restored, modes_restored
 from dynarch.query import groups_of
 
 
@@ -213,3 +215,47 @@ def test_a_tracer_crash_is_one_line_naming_the_model_and_the_op() -> None:
             torchvision.models.inception_v3(init_weights=False, aux_logits=False, num_classes=4),
             torch.randn(1, 3, 16, 16),
         )
+
+
+class _TrainingOnlyHead(nn.Module):
+    """GoogLeNet's auxiliary head in small: ``aux`` reads conv1's channels in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.aux, self.fc = nn.Linear(6, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        out = self.fc(torch.relu(self.bn(self.conv2(x))).mean((2, 3)))
+        return out + self.aux(x.mean((2, 3))) if self.training else out
+
+
+@pytest.mark.parametrize("init", ["zeros", "gradmax", "gradmax_fanin"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_training_only_branch_is_in_the_group_it_reads(mode: str, init: str) -> None:
+    """Torch-Pruning traces in eval mode, where ``aux`` does not run: conv1's group missed it,
+    and after growing conv1 the next training step failed (mat1 and mat2 shapes cannot be
+    multiplied). The trace follows the training-mode forward when it runs more layers; in
+    eval mode a gradient init gives aux no gradient (it was a KeyError)."""
+    torch.manual_seed(0)
+    model = _TrainingOnlyHead().train(mode == "train")
+    x = torch.randn(4, 3, 8, 8)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        with torch.no_grad(), buffers_restored(model), modes_restored(model):
+            return {m: model.train(m == "train")(x) for m in ("train", "eval")}
+
+    before, running = outputs(), model.bn.running_mean.clone()
+    graph = dynarch.ArchGraph.from_module(model, x)
+    assert "aux" in graph.group_of("conv1").member_modules()
+    assert torch.equal(model.bn.running_mean, running) and model.training == (mode == "train")
+    data = (x, torch.arange(4) % 4)
+    dynarch.grow(model, "conv1", 2, init, data=data, loss_fn=nn.functional.cross_entropy)
+    assert model.aux.in_features == 8
+    after = outputs()
+    for m in ("train", "eval"):
+        assert torch.allclose(after[m], before[m], atol=1e-6), m
+    dynarch.prune(model, "conv1", 3)
+    assert model.aux.in_features == 5 and model.train()(x).shape == (4, 4)

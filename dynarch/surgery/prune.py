@@ -82,14 +82,15 @@ def prune(
             f"pruning {n_remove} of {group.width} channels would leave group {group.name!r} empty"
         )
     check_widths(group, modules, -n_remove)
+    root = group.root(target)  # not target when its channels join several groups (graph.py)
     if chosen is None:
-        chosen = _least_important(model, dg, target, k, importance, data, loss_fn)
+        chosen = _least_important(model, dg, root, k, importance, data, loss_fn)
     params_before = count_params(model)
 
     remove = torch.tensor(chosen, dtype=torch.long)
     edits = _edits(group, modules, remove)
     before = {(e.module, e.attr): getattr(modules[e.module], e.attr) for e in edits}
-    module = model.get_submodule(target)
+    module = model.get_submodule(root)
     with all_or_nothing(list(modules.values()), optimizer):
         dg.get_pruning_group(
             module, dg.get_pruner_of_module(module).prune_out_channels, chosen
