@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,10 @@ TORCHVISION_PREFIX = "torchvision:"
 
 class ModelInputError(DynarchError):
     """The model cannot take the data's images (too small for its pooling, wrong shape)."""
+
+
+class TargetError(DynarchError):
+    """A ``model._target_`` refused before anything is called or imported from it."""
 
 
 def vgg_small(
@@ -269,12 +275,23 @@ def build_model(
 
 
 def build_target(
-    target: str, num_classes: int, in_channels: int, image_size: int, **kwargs: object
+    target: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    *,
+    code_outside: Path | None = None,
+    **kwargs: object,
 ) -> nn.Module:
-    """A user's model class (or function) by import path, ``pkg.module.Class``, called with
-    ``kwargs`` plus whichever of ``num_classes``, ``in_channels`` and ``image_size`` it takes
-    and ``kwargs`` does not give; then checked on a blank input like the built-ins."""
-    builder = _locate(target)
+    """A user's model class by import path, ``pkg.module.Class``, called with ``kwargs`` plus
+    whichever of ``num_classes``, ``in_channels`` and ``image_size`` it takes and ``kwargs``
+    does not give; then checked on a blank input like the built-ins.
+
+    The path comes from a config or a run dir's model.json, so nothing is called unless it is
+    an ``nn.Module`` subclass (``os.system`` would run a command; docs/reliability.md), and
+    no module whose file lies in ``code_outside`` (the run dir being loaded) is imported."""
+    builder = _locate(target, code_outside)
+    _check_model_class(target, builder)
     data = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:
         parameters = inspect.signature(builder).parameters
@@ -288,11 +305,29 @@ def build_target(
     return model
 
 
-def _locate(target: str) -> object:
+def _check_model_class(target: str, found: object) -> None:
+    """Refuse, before any call, what is not an nn.Module subclass. Functions too, even when
+    annotated ``-> nn.Module``: torch.fx's ``reduce_graph_module(body, import_block)`` is one,
+    and it executes ``import_block``."""
+    if isinstance(found, type) and issubclass(found, nn.Module):
+        return
+    if inspect.isfunction(found):
+        kind = "a function: name the nn.Module class it builds, or wrap it in one"
+    else:
+        kind = f"a {type(found).__name__}"
+    raise TargetError(
+        f"model._target_ {target!r} is not an nn.Module subclass ({kind}); refused without "
+        "calling it"
+    )
+
+
+def _locate(target: str, code_outside: Path | None = None) -> object:
     """``pkg.module.Name`` imported: the longest importable module prefix, then attributes."""
     parts = target.split(".")
     problem = f"{target!r} is not a dotted path like my_models.MyNet"
     for cut in range(len(parts) - 1, 0, -1):
+        if code_outside is not None:
+            _refuse_code_inside(".".join(parts[:cut]), code_outside, target)
         try:
             found: object = importlib.import_module(".".join(parts[:cut]))
         except ModuleNotFoundError as exc:
@@ -307,6 +342,30 @@ def _locate(target: str) -> object:
             raise ValueError(f"cannot import {target!r}: {exc}") from None
         return found
     raise ValueError(f"cannot import {target!r}: {problem}")
+
+
+def _refuse_code_inside(module: str, folder: Path, target: str) -> None:
+    """Importing runs a module's code, so none whose file (or package directory) lies in
+    ``folder`` is imported: ``cd RUN && dynarch export .`` puts the run dir on sys.path. Each
+    parent is checked before ``find_spec`` imports it to look for the child."""
+    folder = folder.resolve()
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:  # not there, or a parent not a package: the import says which
+            return
+        if spec is None:
+            return
+        places = list(spec.submodule_search_locations or [])
+        places += [spec.origin] if spec.has_location and spec.origin else []
+        inside = [p for p in places if Path(p).resolve().is_relative_to(folder)]
+        if inside:
+            raise TargetError(
+                f"model._target_ {target!r}: module {name!r} lies inside the run dir being "
+                f"loaded ({inside[0]}); code in a run dir is never imported"
+            )
 
 
 def _check_input_fits(
@@ -333,13 +392,19 @@ def _check_input_fits(
 
 
 def build_from_config(
-    model_cfg: dict, num_classes: int, in_channels: int, image_size: int
+    model_cfg: dict,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    code_outside: Path | None = None,
 ) -> nn.Module:
-    """The model a run's ``model`` config section names: a user's ``_target_``, or a built-in
-    by ``name`` with ``width`` and ``kwargs``."""
+    """The model a run's ``model`` config section names: a user's ``_target_`` (no module
+    from ``code_outside``, the run dir a model is loaded from), or a built-in by ``name`` with
+    ``width`` and ``kwargs``."""
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("_target_"):
-        return build_target(model_cfg["_target_"], num_classes, in_channels, image_size, **kwargs)
+        shape = (num_classes, in_channels, image_size)
+        return build_target(model_cfg["_target_"], *shape, code_outside=code_outside, **kwargs)
     if model_cfg.get("width") is not None:
         kwargs["width"] = model_cfg["width"]
     return build_model(model_cfg["name"], num_classes, in_channels, image_size, **kwargs)

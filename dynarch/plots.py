@@ -12,6 +12,7 @@ from typing import Any
 
 import networkx as nx
 
+from dynarch.atomic import write_rendered
 from dynarch.errors import DynarchError
 from dynarch.query import History, node_changes
 
@@ -214,11 +215,13 @@ def plot_graph(h: History, path: str | Path, step: int | None = None) -> Path:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Rendered in memory, then written whole (dynarch/atomic.py): a killed ``query plot`` once
+    left a 0-byte PNG under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    return write_rendered(path, lambda f: fig.savefig(f, format=fmt))
 
 
 def plot_all(

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from dynarch.atomic import write_bytes
 from dynarch.errors import DynarchError, first_line
 from dynarch.export import FORMATS, export_graph
 from dynarch.query import History, Table, _cell, compare, node_changes
@@ -146,7 +147,7 @@ def _dispatch(argv: list[str]) -> None:
             if args.out is None:
                 sys.stdout.write(text)
             else:
-                args.out.write_text(text, encoding="utf-8")
+                write_bytes(args.out, text.encode("utf-8"))
                 print(f"architecture at step {step} written to {args.out}")
         elif args.command == "plot":
             from dynarch.plots import plot_all

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import dynarch, one_error_line, run_dir_of
+from torch import nn
 
 import dynarch as dynarch_api
 from dynarch.data import load_data
 from dynarch.export_cli import main as export_main
 from dynarch.history import HistoryReader
-from dynarch.models import count_params
-from dynarch.trained import LoadError
+from dynarch.models import count_params, resnet_small
+from dynarch.surgery.deepen import deepen
+from dynarch.trained import LoadError, fold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,19 @@ def test_run_logs_agree_with_the_history(run_dir: Path) -> None:
     grown = history.events()[-1]  # the schedule's last entry widens a conv
     assert board.Scalars(f"width/{grown['grp']}")[-1].value == grown["width_after"]
     assert len(board.Tensors("mutations/text_summary")) == len(history.events()) == 3
+
+
+def test_folding_keeps_a_layer_deepened_into_the_models_own_forward() -> None:
+    """fx traces a class's forward: a deepen inside the model's own forward (resnet_small's
+    stem) was dropped by the fold (outputs off by 6.5e-3); traced as a child, it is kept."""
+    torch.manual_seed(0)
+    model = resnet_small(num_classes=10, in_channels=3, width=8).eval()
+    x = torch.randn(4, 3, 16, 16)
+    deepen(model, "stem", "residual", example_inputs=x)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.5 if "deep0" in name else 0.0)  # the new block no longer a no-op
+        expected = model(x)
+        folded = fold_batchnorm(model)(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fold_batchnorm(model).modules())
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
