@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -30,11 +31,26 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dynarch import config as config_module
-from dynarch.config import ConfigValueError, RunConfig, check_values, register
+from dynarch.config import (
+    ConfigValueError,
+    RunConfig,
+    check_arguments,
+    check_keys,
+    check_values,
+    register,
+)
 from dynarch.errors import ConfigError, DynarchError, close_matches, first_line
 from dynarch.history_store import HistoryReader, records_nothing
 from dynarch.launch import launched_ranks
-from dynarch.run_dir import CHECKPOINT, holds_run, owned
+from dynarch.run_dir import (
+    CHECKPOINT,
+    cannot_create,
+    config_disagreement,
+    holds_run,
+    not_a_dir_path,
+    owned,
+    write_config,
+)
 from dynarch.stopping import RunInterrupted
 
 if TYPE_CHECKING:
@@ -83,25 +99,32 @@ class RunDirGuard(Callback):
     any run in a dir that cannot be written."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_run_dir(Path(config.hydra.run.dir), new=config.get("resume") is None)
+        new = config.get("resume") is None
+        _check_run_dir(str(config.hydra.run.dir), "hydra.run.dir", new)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        for run_dir in [sweep, *sorted(sweep.glob("*/"))]:
-            _check_run_dir(run_dir, new=True)
+        sweep = str(config.hydra.sweep.dir)
+        _check_run_dir(sweep, "hydra.sweep.dir", new=True)
+        for run_dir in sorted(Path(sweep).glob("*/")):
+            _check_run_dir(str(run_dir), "hydra.sweep.dir", new=True)
 
 
-def _check_run_dir(run_dir: Path, new: bool) -> None:
-    """Exit with one line if ``run_dir`` holds a run (for a new one) or cannot be written."""
+def _check_run_dir(given: str, key: str, new: bool) -> None:
+    """Exit with one line if ``given`` (``key``'s value) is no path for a run dir, holds a run
+    (for a new one), or cannot be written or created."""
     if launched_ranks()[0] != 0:  # rank 0 owns the run dir
         return
-    run_dir = run_dir.resolve()
+    problem = not_a_dir_path(given, key)
+    if problem is not None:
+        _exit_with(problem)
+    run_dir = Path(given).expanduser().resolve()
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    problem = None
     if new and holds_run(run_dir):
         problem = _holds_a_run(run_dir)
     elif not os.access(existing, os.W_OK):
         problem = f"{existing} cannot be written (read-only, or no permission); a run writes there"
+    else:
+        problem = cannot_create(run_dir)
     if problem is None and run_dir.is_dir():
         try:  # early too: before Hydra opens run.log there (the job holds it for the run)
             with owned(run_dir):
@@ -109,8 +132,12 @@ def _check_run_dir(run_dir: Path, new: bool) -> None:
         except DynarchError as exc:
             problem = str(exc)
     if problem is not None:
-        print(f"dynarch: error: {problem}", file=sys.stderr)
-        sys.exit(1)
+        _exit_with(problem)
+
+
+def _exit_with(problem: str) -> None:
+    print(f"dynarch: error: {problem}", file=sys.stderr)
+    sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -128,9 +155,12 @@ def _run_app(cfg: DictConfig) -> None:
         sys.exit(exc.exit_code)
     except (DynarchError, OmegaConfBaseException, OSError, sqlite3.Error) as exc:
         message = _error_line(exc, run_dir)
+        rank = launched_ranks()[0]
         if job.main:
             job.mark_failed(message)
-            print(f"dynarch: error: {message}", file=sys.stderr)
+        elif not message.startswith(f"rank {rank} "):  # every rank says why it stopped
+            message = f"rank {rank}: {message}"
+        print(f"dynarch: error: {message}", file=sys.stderr)
         _failures.append(message)
         return
     if summary is None or not job.main:
@@ -164,13 +194,32 @@ class _Job:
             if self.before["status"] == "completed" and not longer:
                 _LOG.info(f"{self.run_dir} is complete; nothing to resume (extend it: {EXTEND})")
                 return None
+            disagreement = config_disagreement(self.run_dir, self.before["config"])
+            if disagreement is not None and self.main:
+                _LOG.warning(f"{disagreement}: the run goes on with its own (history.db), "
+                             "written back to config.yaml")  # fmt: skip
             plain = _with_length(self.before["config"], longer)
         else:
             plain = self._new_run(cfg)
         policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
         from dynarch.controller import run  # torch: only once the command line is valid
 
-        return run(plain, policy, self.run_dir, log=_LOG.info, resume=self.resume)
+        try:
+            return run(plain, policy, self.run_dir, log=_LOG.info, resume=self.resume)
+        finally:
+            self._settle(plain)
+
+    def _settle(self, plain: dict[str, Any]) -> None:
+        """Once a resume has moved the run on (completed, stopped or failed anew), its dir
+        says what runs: config.yaml rewritten to the config it runs with (a hand edit is
+        not what ran), the previous attempt's FAILED file gone (its error is over; a new
+        failure writes its own). A resume refused before that leaves the dir as it was."""
+        if not (self.resume and self.main and _resume_started(self.run_dir, self.before)):
+            return
+        with contextlib.suppress(OSError):  # a full disk: the run's own error says so
+            if config_disagreement(self.run_dir, plain) is not None:
+                write_config(self.run_dir, plain)
+            (self.run_dir / "FAILED").unlink(missing_ok=True)
 
     def _new_run(self, cfg: DictConfig) -> dict[str, Any]:
         """The config of a new run, written to the run dir; refused in a dir holding a run."""
@@ -183,7 +232,7 @@ class _Job:
             # relative to where the user ran dynarch, even if hydra.job.chdir is switched on
             plain["data"]["path"] = to_absolute_path(str(plain["data"]["path"]))
         if self.main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain), encoding="utf-8")
+            write_config(self.run_dir, plain)
         return plain
 
     def _start_over(self) -> dict[str, Any]:
@@ -201,6 +250,7 @@ class _Job:
         if self.main:  # what the stopped start left: its history, its failure mark
             for name in ("history.db", "history.db-wal", "history.db-shm", "FAILED"):
                 (self.run_dir / name).unlink(missing_ok=True)
+            write_config(self.run_dir, plain)  # with a new length, if one was given
         return plain
 
     def mark_failed(self, message: str) -> None:
@@ -225,7 +275,7 @@ def _saved_config(path: Path) -> dict[str, Any]:
     try:
         loaded = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
         plain = OmegaConf.to_container(loaded, resolve=True, throw_on_missing=True)
-    except (OSError, OmegaConfBaseException) as exc:
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"{path}: not a dynarch run config ({_one_line(exc)})") from None
     assert isinstance(plain, dict)
     check_values(plain)
@@ -366,18 +416,21 @@ def composition_error(overrides: list[str], config_dir: str | None = None) -> st
                 cfg = compose("config", overrides=variant)
         except (HydraException, OmegaConfBaseException) as exc:
             return _one_line(exc)
-        try:
-            check_values(_checked_sections(cfg))
+        try:  # the targets' signatures last: they import torch (a valid run does anyway)
+            check_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+            sections = _checked_sections(cfg)
+            check_values(sections)
+            check_arguments(sections)
         except ConfigValueError as exc:
             return str(exc)
     return None
 
 
 def _checked_sections(cfg: DictConfig) -> dict[str, Any]:
-    """The sections :func:`check_values` reads, resolved; one that cannot be resolved here is
-    left out (the run itself reports it)."""
+    """The sections :func:`check_values` and :func:`check_arguments` read, resolved; one that
+    cannot be resolved here is left out (the run itself reports it)."""
     plain: dict[str, Any] = {}
-    for section in ("trainer", "optimizer", "lr_schedule"):
+    for section in ("trainer", "optimizer", "lr_schedule", "model", "policy"):
         try:
             plain[section] = OmegaConf.to_container(cfg[section], resolve=True)
         except OmegaConfBaseException:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
+from dynarch.config import MAX_STEPS
 from dynarch.data import DataSplits, augment, load_data, make_loaders
 from dynarch.errors import ConfigError, DynarchError, first_line
 from dynarch.graph import ArchGraph
@@ -222,19 +223,21 @@ def run(
     after it is dropped and logged again, so the run ends as if it had never stopped."""
     start = time.perf_counter()
     trainer = cfg["trainer"]
-    procs, device = distributed.start(resolve_device(str(trainer["device"])))
+    procs, device = distributed.start(resolve_device(str(trainer["device"])), run_dir)
     if not procs.is_main:  # one voice: rank 0 prints, logs and writes
         log = _silent
     if trainer["threads"] is not None:
         torch.set_num_threads(int(trainer["threads"]))
     torch.manual_seed(trainer["seed"])
-    setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
-    with setup.stop:
-        state = _starting_state(setup, policy, model, graph, resume)
-        if trainer.get("tensorboard") and procs.is_main:
-            state.board = TensorBoardLog(run_dir, state.step)
-        progress = _progress(setup.total_steps - state.step, trainer["progress"] and procs.is_main)
-        _train_to_the_end(setup, state, progress)
+    with distributed.lost_peers_in_one_line(procs):
+        setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
+        with setup.stop:
+            state = _starting_state(setup, policy, model, graph, resume)
+            if trainer.get("tensorboard") and procs.is_main:
+                state.board = TensorBoardLog(run_dir, state.step)
+            shown = trainer["progress"] and procs.is_main
+            progress = _progress(setup.total_steps - state.step, shown)
+            _train_to_the_end(setup, state, progress)
     if procs.is_main:
         (run_dir / "architecture.json").write_text(state.graph.to_json() + "\n", encoding="utf-8")
     return RunSummary(
@@ -267,14 +270,16 @@ def _set_up(
         test_fraction=data_cfg["test_fraction"],
     )
     train_loader, test_loader = _loaders(splits, trainer, procs, data_cfg.get("num_workers", 0))
-    model = _build_model(cfg["model"], splits, device)
+    model = _build_model(cfg["model"], splits, device, run_dir)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)
     graph = ArchGraph.from_module(model, example)
     steps_per_epoch = len(train_loader)
     total_steps = trainer["steps"] or trainer["epochs"] * steps_per_epoch
-    if total_steps < 1:
-        raise ConfigError(f"trainer.epochs/steps give {total_steps} steps; need at least 1")
+    if not 1 <= total_steps <= MAX_STEPS:
+        raise ConfigError(
+            f"trainer.epochs/steps give {total_steps} steps; need 1 to {MAX_STEPS:.0e}"
+        )
     if trainer["on_nonfinite"] not in ("stop", "skip"):
         raise ConfigError(
             f"trainer.on_nonfinite must be stop or skip, got {trainer['on_nonfinite']!r}"
@@ -296,6 +301,7 @@ def _set_up(
         total_steps=total_steps,
         eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
         checkpoint_every=int(round(trainer["checkpoint_every_epochs"] * steps_per_epoch)),
+        stop=StopRequest(last_word=procs.world > 1),
     )
     return setup, model, graph
 
@@ -324,11 +330,14 @@ def _loaders(
     )
 
 
-def _build_model(model_cfg: dict[str, Any], splits: DataSplits, device: torch.device) -> nn.Module:
-    """The configured model for the data's classes, channels and image size, on ``device``."""
+def _build_model(
+    model_cfg: dict[str, Any], splits: DataSplits, device: torch.device, run_dir: Path
+) -> nn.Module:
+    """The configured model for the data's classes, channels and image size, on ``device``;
+    no code from ``run_dir`` is imported (a resumed run's config comes from it)."""
     data = (splits.num_classes, splits.in_channels, splits.image_size)
     try:
-        return build_from_config(model_cfg, *data).to(device)
+        return build_from_config(model_cfg, *data, code_outside=run_dir).to(device)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {first_line(exc)}") from None
 
@@ -425,7 +434,10 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
         state.history.finish("interrupted", message)
         raise RunInterrupted(message, signal.SIGINT) from None
     except BaseException as exc:
-        _mark_failed(state, exc)
+        lost = distributed.peer_lost(exc, setup.procs)
+        _mark_failed(state, lost or exc)
+        if lost is not None:
+            raise lost from None
         raise
     finally:
         if progress is not None:
@@ -433,6 +445,7 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
         if state.board is not None:
             state.board.close()
         state.history.close()
+        state.net = None  # DDP holds the process group: collected before the group goes
         distributed.stop(together=completed)
 
 

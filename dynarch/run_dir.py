@@ -10,14 +10,22 @@ one line naming the holder. Where ``fcntl`` does not exist (Windows) there is no
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from dynarch.errors import DynarchError
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dynarch.errors import DynarchError, first_line
 
 # What a run dir holds once its run has started: its history and its checkpoint.
 HISTORY, CHECKPOINT = "history.db", "checkpoint.pt"
+CONFIG = "config.yaml"  # the resolved config, for people and for a run started over
+SHOWN_KEYS = 6  # differing keys named in config.yaml's one line; the rest are counted
 
 
 class RunDirBusy(DynarchError):
@@ -27,6 +35,33 @@ class RunDirBusy(DynarchError):
 def holds_run(path: Path) -> bool:
     """Whether ``path`` holds a run already (a new run there would mix two runs' files)."""
     return (path / HISTORY).exists() or (path / CHECKPOINT).exists()
+
+
+def not_a_dir_path(given: str, key: str) -> str | None:
+    """Why ``given`` (the value of ``key``, e.g. ``hydra.run.dir``) cannot name a run dir, or
+    None: empty (``Path("")`` is the current directory, which would fill with the run's files),
+    a file, or a path below a file (Hydra's mkdir would fail with a traceback)."""
+    if not given.strip():
+        return f"{key} is empty; give the directory the run writes to"
+    path = Path(given).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{key}={given}: {existing} is not a directory"
+    return None
+
+
+def cannot_create(path: Path) -> str | None:
+    """Why the missing dir ``path`` cannot be created (under /proc, say), or None. Tried with
+    a temporary dir in its nearest existing parent, removed at once: a refused command leaves
+    nothing behind."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path:
+        return None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dynarch-", dir=existing))
+    except OSError as exc:
+        return f"{path} cannot be created ({exc.strerror or exc})"
+    return None
 
 
 @contextmanager
@@ -66,3 +101,42 @@ def _holder(path: Path) -> str:
         if "FLOCK" in fields and "->" not in fields and key in fields:
             return f"process {fields[fields.index(key) - 1]}"
     return "another process"
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """``config.yaml``: the config the run in ``run_dir`` runs with."""
+    (run_dir / CONFIG).write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+
+
+def config_disagreement(run_dir: Path, config: dict[str, Any]) -> str | None:
+    """None if ``run_dir``'s config.yaml says ``config``; else what is wrong with it, for the
+    one line a resume prints: the keys an edit changed, or why the file cannot be read. A
+    resume runs with its history's config, so an edited file would otherwise silently
+    disagree with what ran."""
+    path = run_dir / CONFIG
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        return f"{path} is not a readable config ({first_line(exc)})"
+    if not isinstance(loaded, dict):
+        return f"{path} is not a readable config (a {type(loaded).__name__}, not a mapping)"
+    keys = _differing_keys(loaded, config, "")
+    if not keys:
+        return None
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return f"{path} differs from the config this run started with in {shown}{more}"
+
+
+def _differing_keys(given: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted keys whose values differ between the two configs (missing on one side too)."""
+    keys: list[str] = []
+    for key in [*wanted, *(k for k in given if k not in wanted)]:
+        a, b = given.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif key not in given or key not in wanted or a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -25,10 +25,15 @@ class RunInterrupted(DynarchError):
 
 class StopRequest:
     """While entered (main thread only), SIGINT and SIGTERM set ``signum`` instead of killing
-    the process; the loop asks :meth:`requested` between steps."""
+    the process; the loop asks :meth:`requested` between steps.
 
-    def __init__(self) -> None:
+    ``last_word`` (under torchrun): left by an error, SIGTERM stays ignored. When a rank dies,
+    torchrun SIGTERMs the others within 0.1 s, while they are still writing why they failed;
+    the default action would end them without a word (torchrun SIGKILLs after 30 s)."""
+
+    def __init__(self, last_word: bool = False) -> None:
         self.signum: int | None = None
+        self.last_word = last_word
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -43,6 +48,8 @@ class StopRequest:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and self.last_word and self._previous:
+            self._previous[signal.SIGTERM] = signal.SIG_IGN
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()

@@ -37,13 +37,17 @@ class KillAtStep(Schedule):
 @dataclass(frozen=True)
 class DyingOptions(GradMaxOptions):
     marker: str | None = None  # the file that says the process died here once already
+    rank: int | None = None  # under torchrun, only the process of this rank dies (no marker)
 
 
 @takes_options(DyingOptions)
 def gradmax_dying_midway(ctx: GrowthContext) -> NewChannels:
     """GradMax, but the process dies after the statistics pass, before any tensor changes."""
     new = gradmax_init(ctx)
-    if ctx.options.marker is not None:
+    if ctx.options.rank is not None:
+        if int(os.environ.get("RANK", "0")) == ctx.options.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+    elif ctx.options.marker is not None:
         die_once(ctx.options.marker)
     return new
 

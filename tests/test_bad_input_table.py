@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_cli import dynarch, run_dir_of
+from test_cli import OWN_MODEL, dynarch, run_dir_of
 
 from dynarch.history import HistoryError, HistoryReader
 
@@ -228,6 +228,27 @@ def args(*given: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, prior: list(given)
 
 
+def own_model(*given: str) -> Callable[[Path, Path], list[str]]:
+    """A user's model class in the row's directory (``hidden`` is its one argument)."""
+
+    def setup(tmp: Path, prior: Path) -> list[str]:
+        (tmp / "my_models.py").write_text(OWN_MODEL)
+        return ["run", "model._target_=my_models.TinyNet", *given]
+
+    return setup
+
+
+def run_dir_at(name: str, make: Callable[[Path], None] | None = None) -> Callable:
+    """``hydra.run.dir=tmp/name`` (an absolute path as given), after ``make(tmp)``."""
+
+    def setup(tmp: Path, prior: Path) -> list[str]:
+        if make is not None:
+            make(tmp)
+        return ["run", f"hydra.run.dir={tmp / name if name else ''}"]
+
+    return setup
+
+
 @dataclass
 class Row:
     setup: Callable[[Path, Path], list[str]]  # (row dir, prior run copy) -> CLI arguments
@@ -260,6 +281,65 @@ TABLE: dict[str, Row] = {
         args("run", "-m", "trainer.epochs=1,-1"), ["trainer.epochs", "got -1"]
     ),
     "unknown key trainer.epoch": Row(args("run", "trainer.epoch=3"), ["'epoch'", "TrainerConfig"]),
+    # +key adds a key Hydra's schema check does not see (issue 22 item 4)
+    "unknown +key optimizer.momentun": Row(
+        args("run", "+optimizer.momentun=0.5"),
+        ["optimizer.momentun", "OptimizerConfig", "'momentum'"],
+    ),
+    "unknown +key trainer.epoch": Row(
+        args("run", "+trainer.epoch=3"), ["trainer.epoch", "TrainerConfig", "'epochs'"]
+    ),
+    "unknown +key model.widht": Row(
+        args("run", "+model.widht=64"), ["model.widht", "ModelConfig", "'width'"]
+    ),
+    "unknown +key at the top": Row(args("run", "+trainr.epochs=3"), ["trainr", "'trainer'"]),
+    "unknown +model.kwargs of a built-in": Row(
+        args("run", "+model.kwargs.nrom=false"), ["model.kwargs", "vgg_small", "'nrom'", "'norm'"]
+    ),
+    "unknown +model.kwargs of a user's class": Row(
+        own_model("+model.kwargs.hiden=6"), ["model.kwargs", "TinyNet", "'hiden'", "'hidden'"]
+    ),
+    "unknown +policy argument": Row(
+        args("run", "policy=gradmax_schedule", "+policy.max_param=100"),
+        ["policy", "Grow", "'max_param'", "'max_params'"],
+    ),
+    "unknown argument of a nested policy part": Row(
+        args("run", "policy=gradmax_schedule", "+policy.when.evry=0.5"),
+        ["policy.when", "EveryFraction", "'evry'", "'every'"],
+    ),
+    # values that crash or never end (issue 22 item 7)
+    "config value trainer.threads=100000": Row(
+        args("run", "trainer.threads=100000"), ["trainer.threads", "<= 1024", "100000"]
+    ),
+    "config value optimizer.lr=inf": Row(
+        args("run", "optimizer.lr=inf"), ["optimizer.lr", "finite", "inf"]
+    ),
+    "config value trainer.eval_every_epochs=inf": Row(
+        args("run", "trainer.eval_every_epochs=inf"), ["trainer.eval_every_epochs", "finite"]
+    ),
+    "config value trainer.epochs=10**23": Row(
+        args("run", f"trainer.epochs={10**23}"), ["trainer.epochs", "<= 1000000", str(10**23)]
+    ),
+    "config value trainer.steps=10**10": Row(
+        args("run", f"trainer.steps={10**10}"), ["trainer.steps", "<= 1000000000"]
+    ),
+    "config value trainer.epochs=10**6 at batch 1 (over 10**9 steps of digits)": Row(
+        args("run", f"trainer.epochs={10**6}", "trainer.batch_size=1"),
+        ["trainer.epochs/steps give", "need 1 to 1e+09"],
+        new_run=True,  # the data sets the steps per epoch: refused inside the job
+    ),
+    "run dir that is a file": Row(
+        run_dir_at("afile", lambda tmp: (tmp / "afile").write_text("mine\n")),
+        ["afile", "not a directory"],
+    ),
+    "run dir below a file": Row(
+        run_dir_at("afile/run", lambda tmp: (tmp / "afile").write_text("mine\n")),
+        ["afile", "not a directory"],
+    ),
+    "run dir that cannot be created": Row(
+        args("run", "hydra.run.dir=/proc/dynarch_run"), ["/proc/dynarch_run", "cannot be created"]
+    ),
+    "empty run dir": Row(run_dir_at(""), ["hydra.run.dir", "empty"]),
     "unknown group option policy=nope": Row(
         args("run", "policy=nope"), ["'policy/nope'", "static"]
     ),

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from dynarch.cli import main
+from dynarch.cli import composition_error, main
+from dynarch.config import BUILTIN_BUILDERS
 from dynarch.history import HistoryReader
+from dynarch.models import BUILTIN_MODELS
 from dynarch.policies import Mutation, TrainState
 
 # Two epochs of vgg_small (width 16) on digits with this schedule reach 0.97-0.99 test accuracy
@@ -297,6 +299,51 @@ def test_a_typo_in_a_key_fails_at_start_with_hydras_message(tmp_path: Path) -> N
     line = one_error_line(dynarch(tmp_path, "run", "trainer.epoch=3"))
     assert "Key 'epoch' not in 'TrainerConfig'" in line and not (tmp_path / "runs").exists()
     assert line.endswith("(did you mean: 'epochs'?)")
+
+
+OPEN_MODEL = """
+
+class OpenNet(TinyNet):
+    def __init__(self, num_classes, in_channels, **options):
+        super().__init__(num_classes, in_channels)
+
+
+def make_net(num_classes, in_channels):
+    return TinyNet(num_classes, in_channels)
+"""
+
+
+def test_plus_keys_are_refused_where_the_schema_or_the_target_does_not_know_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22 item 4, checked in this process as the command line is (no run dir): a
+    ``+key`` goes past Hydra's schema check, so the schema's sections are checked again and
+    the open ones (model kwargs, policy arguments) by their target's signature."""
+    (tmp_path / "kw_models.py").write_text(OWN_MODEL + OPEN_MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    accepted = [
+        ["model._target_=kw_models.TinyNet", "+model.kwargs.hidden=6"],
+        ["model._target_=kw_models.OpenNet", "+model.kwargs.anything=1"],  # takes **options
+        ["model._target_=kw_models.make_net", "+model.kwargs.x=1"],  # a function: the run says
+        ["model=resnet_small", "model.kwargs.blocks=[2,1,1]"],
+        ["model=torchvision", "+model.kwargs.weights=DEFAULT"],
+        ["policy._target_=test_cli.GrowEveryN", "~policy.mutations", "+policy.target=a",
+         "+policy.every=2"],
+        ["+study.anything=1"],  # an open section
+        ["++trainer.epochs=3", "++model.kwargs.norm=false"],  # ++: set or add
+    ]  # fmt: skip
+    assert [composition_error(a) for a in accepted] == [None] * len(accepted)
+    assert composition_error(["-m", "+trainer.epoch=1,2"]) == (
+        "unknown key trainer.epoch: TrainerConfig has no 'epoch' (did you mean: 'epochs'?)"
+    )
+    assert composition_error(["model=wrn28", "+model.kwargs.dept=16"]) == (
+        "model.kwargs: dynarch.models.wrn takes no argument 'dept' (did you mean: 'depth'?)"
+    )
+    line = composition_error(["policy=gradient_trigger", "+policy.amount.max_kk=2"])
+    assert line is not None and line.startswith("policy.amount: dynarch.policies.GradientSVD")
+    assert line.endswith("takes no argument 'max_kk' (did you mean: 'max_k'?)")
+    assert BUILTIN_BUILDERS == BUILTIN_MODELS
 
 
 @pytest.mark.parametrize(

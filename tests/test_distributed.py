@@ -5,6 +5,7 @@ pruning: every statistic is a sum over the global batch)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,11 +33,14 @@ CONFIG = [
 ]
 
 
-def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(cwd: Path, *args: str, logs: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 -m dynarch ARGS``; on a time-out the whole process group
-    is killed (torchrun's workers would otherwise outlive the test)."""
+    is killed (torchrun's workers would otherwise outlive the test). With ``logs``, each
+    rank's stdout and stderr go to its own files there (torchrun's ``--redirects``)."""
     env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    if logs is not None:
+        command += ["--redirects=3", f"--log-dir={logs}"]
     command += ["--nproc_per_node=2", "-m", "dynarch", *args]
     with subprocess.Popen(
         command,
@@ -98,6 +102,29 @@ def test_two_processes_mutate_identically_and_match_one_process(tmp_path: Path) 
     assert architecture_history(killed_dir) == architecture_history(run_dir)
     final = torch.load(killed_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[name], value) for name, value in two_weights.items())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_a_rank_killed_mid_run_leaves_one_line_on_the_other(tmp_path: Path) -> None:
+    """Rank 1 dies (SIGKILL) in a grow, after GradMax's statistics were summed over both ranks;
+    rank 0 notices in its next collective (DDP's, after the grow) and says so in one line,
+    though torchrun SIGTERMs it at once: no traceback, the history failed, the line in run.log."""
+    dying = 'init:"killers:gradmax_dying_midway",init_options:{rank:1}'
+    grow = f"{{step:3,op:grow,target:classifier.fc1,k:4,{dying}}}"
+    config = ["data=teacher_student", "trainer.steps=6", f"policy.mutations=[{grow}]"]
+    result = torchrun(tmp_path, "run", *config, logs=tmp_path / "logs")
+    assert result.returncode != 0
+    (stderr,) = (tmp_path / "logs").glob("*/attempt_0/0/stderr.log")
+    text = stderr.read_text(encoding="utf-8")
+    assert "Traceback" not in text, text[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (line,) = [line for line in text.splitlines() if line.startswith("dynarch: error:")]
+    assert re.match(r"dynarch: error: rank 0 lost rank 1: Connection (reset|closed) by peer;", line)
+    assert line.endswith(f"; resume with: dynarch run resume={run_dir}"), line
+    assert f"rank 0 failed: {line.removeprefix('dynarch: error: ')}" in (
+        run_dir / "run.log"
+    ).read_text(encoding="utf-8")
+    assert HistoryReader(run_dir / "history.db").run()["status"] == "failed"
 
 
 def test_local_parallel_sweep_runs_every_job_and_reports_failures(tmp_path: Path) -> None:

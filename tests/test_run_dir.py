@@ -4,17 +4,21 @@ read-only dir is one line with the history intact."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 from test_bad_input_table import snapshot
-from test_cli import dynarch
+from test_cli import dynarch, one_error_line, run_dir_of
 
+from dynarch.errors import DynarchError
 from dynarch.history_store import HistoryReader, HistoryWriter, records_nothing
 from dynarch.run_dir import owned
 
@@ -159,3 +163,78 @@ def test_a_history_killed_while_being_made_records_nothing(tmp_path: Path) -> No
     with HistoryWriter(path) as writer:  # and a writer makes a whole history of it
         writer.write_run({"trainer": {}})
     assert history_rows(path.parent)["run"]["status"] == "running"
+
+
+class FailOnce:
+    """A user's policy that fails at ``step`` once (``marker`` remembers it did): a run that
+    stops on an error, then resumes and completes."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def decide(self, state: Any) -> list:
+        if state.step == self.step and not self.marker.exists():
+            self.marker.write_text("failed once\n")
+            raise DynarchError(f"failing once at step {self.step}")
+        return []
+
+
+def test_a_resumed_run_that_completes_leaves_no_stale_failed_file(tmp_path: Path) -> None:
+    """Issue 22 item 8: the first attempt's FAILED file went on naming its error beside the
+    history's ``completed``, in ``query list`` too."""
+    policy = ["policy=static", "policy._target_=test_run_dir.FailOnce", "+policy.step=2"]
+    marker = f"+policy.marker={tmp_path / 'failed_once'}"
+    line = one_error_line(dynarch(tmp_path, "run", "trainer.steps=4", *policy, marker))
+    assert line.endswith("failing once at step 2")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "FAILED").is_file()
+
+    resumed = dynarch(tmp_path, "run", f"resume={run_dir}")
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert "config.yaml" not in resumed.stdout  # not edited: nothing to say
+    assert not (run_dir / "FAILED").exists()
+    listed = dynarch(tmp_path, "query", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [(r["status"], r["steps"], r["message"]) for r in json.loads(listed.stdout)]
+    assert rows == [("completed", 4, None)]
+
+
+def saved_config(run_dir: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+
+
+def test_a_hand_edited_config_yaml_is_said_and_rewritten_on_resume(tmp_path: Path) -> None:
+    """Issue 22 item 5: a resume runs with the history's config, whatever config.yaml says;
+    an edited (or unreadable) config.yaml is one line naming what differs, then rewritten to
+    what runs, so the file and the run agree again."""
+    first = dynarch(tmp_path, "run", *SHORT)
+    assert first.returncode == 0, first.stderr
+    run_dir = run_dir_of(first)
+    path = run_dir / "config.yaml"
+    edited = OmegaConf.load(path)
+    edited.model.width, edited.optimizer.lr, edited.policy = 64, 0.5, {"_target_": "x.Y"}
+    OmegaConf.save(edited, path)
+
+    resumed = dynarch(tmp_path, "run", f"resume={run_dir}", "trainer.steps=3")
+
+    assert resumed.returncode == 0, resumed.stderr
+    said = [line for line in resumed.stdout.splitlines() if "config.yaml" in line]
+    assert said == [
+        f"{path} differs from the config this run started with in model.width, optimizer.lr, "
+        "policy._target_: the run goes on with its own (history.db), written back to config.yaml"
+    ]
+    config = history_rows(run_dir)["run"]["config"]
+    assert config["model"]["width"] == 16 and config["trainer"]["steps"] == 3
+    assert saved_config(run_dir) == config
+
+    path.write_text("model: {width: [64\n")  # not YAML
+    resumed = dynarch(tmp_path, "run", f"resume={run_dir}", "trainer.steps=4")
+
+    assert resumed.returncode == 0, resumed.stderr
+    said = [line for line in resumed.stdout.splitlines() if "config.yaml" in line]
+    assert len(said) == 1 and said[0].startswith(f"{path} is not a readable config (")
+    assert said[0].endswith(
+        "): the run goes on with its own (history.db), written back to config.yaml"
+    )
+    assert saved_config(run_dir) == history_rows(run_dir)["run"]["config"]

@@ -1,5 +1,5 @@
-"""A run dir is data (issue 22): loading or exporting one runs no code it names, only a model
-class or an annotated factory from outside it (item 1); an export or a plot appears whole under
+"""A run dir is data (issue 22): loading, exporting or resuming one runs no code it names, only
+an nn.Module subclass from outside it (item 1); an export or a plot appears whole under
 its final name or not at all, and a full disk is one line (item 6)."""
 
 from __future__ import annotations
@@ -163,6 +163,26 @@ def test_model_classes_build_and_functions_are_refused_uncalled(
     model_cfg = {"_target_": "own_models.TinyNet", "kwargs": {"hidden": 5}}
     loaded = dynarch_api.load(fake_run(tmp_path / "run", model_cfg, state))
     torch.testing.assert_close(loaded.conv.weight, state["conv.weight"])
+
+
+def test_a_resumed_run_imports_no_module_from_its_run_dir(tmp_path: Path) -> None:
+    """``cd RUN && dynarch run resume=.``: the history names own_models.TinyNet, and a module
+    of that name inside the run dir would run on import; it is refused in one line."""
+    (tmp_path / "own_models.py").write_text(OWN)
+    run = tmp_path / "run"
+    result = dynarch(
+        tmp_path, "run", "model._target_=own_models.TinyNet", "trainer.steps=2",
+        "policy=static", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    marker = tmp_path / "marker"
+    (tmp_path / "own_models.py").unlink()
+    (run / "own_models.py").write_text(
+        EVIL.format(marker=str(marker)).replace("EvilNet", "TinyNet")
+    )
+    line = one_error_line(dynarch(run, "run", "resume=.", "trainer.steps=4"))
+    assert "own_models" in line and "inside the run dir" in line, line
+    assert not marker.exists()
 
 
 # ---- item 6: exports and plots appear whole or not at all
