@@ -64,6 +64,7 @@ from dynarch.surgery.prune import IMPORTANCES
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the small test architectures (tests/archs.py)
 from archs import build  # noqa: E402
+from fuzz_archs import TRAIN_MODE_CHECKED, register  # noqa: E402
 from torchvision_sweep import width_mismatch  # noqa: E402  (benchmarks/, beside this one)
 
 # 2 epochs of digits (46 steps): every layer grown (GradMax) at steps 2, 7, 17, 22, 32, 42 and
@@ -363,6 +364,8 @@ FUZZ_ARCHS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     for name in ("vgg_small", "resnet_small", "conv_flatten_linear", "self_concat")
     + ("resnet18", "mobilenet_v2", "densenet121")
 }
+for name in register():  # round three (issue 22): benchmarks/fuzz_archs.py
+    FUZZ_ARCHS[name] = lambda name=name: build(name)
 FUZZ_ARCHS["shufflenet_v2"] = lambda: (  # Torch-Pruning's tracer fails on its channel shuffle
     torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval(),
     torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
@@ -447,14 +450,14 @@ def refusal(model: nn.Module, state: dict[str, torch.Tensor], exc: DynarchError)
 
 
 def judge(
-    model: nn.Module, x: torch.Tensor, spec: dict[str, Any], zero: list[bool]
+    model: nn.Module, x: torch.Tensor, spec: dict[str, Any], zero: list[bool], train_mode: bool
 ) -> tuple[str, str]:
-    """Run one call: 'applied' (function kept where it must be), 'refused' or 'FAILING'."""
+    """Run one call: 'applied' (function kept where it must be), 'refused' or 'FAILING'.
+    ``train_mode``: the training-mode outputs must be kept too (a branch only training runs)."""
     model.eval()
     state = {n: t.clone() for n, t in model.state_dict().items()}
-    original = copy.deepcopy(model) if spec["op"] == "grow" else None
-    with torch.no_grad():
-        before = model(x)
+    original = copy.deepcopy(model) if spec["op"] in KEEPS_FUNCTION else None
+    before = outputs(model, x, train_mode)
     zero.clear()
     try:
         spec["run"]()
@@ -465,30 +468,56 @@ def judge(
     if spec["poison"] != "None" or spec["k_kind"] in ("huge", "invalid"):
         return "FAILING", f"accepted k={spec['k']} / data poisoned with {spec['poison']}"
     try:
-        with torch.no_grad():
-            after = model.eval()(x)
+        after = outputs(model, x, train_mode)
         problem = width_mismatch(model)
     except Exception as exc:  # noqa: BLE001
         return "FAILING", f"applied, then the model fails: {first_line(exc)}"
-    if problem or after.shape != before.shape:
-        return "FAILING", problem or f"output shape {tuple(before.shape)} -> {tuple(after.shape)}"
-    change = float((after - before).abs().max())
-    scale = max(1.0, float(before.abs().max()))
-    if spec["op"] == "grow" and zero and zero[0] and not change <= 1e-5 * scale:
-        exact = float64_change(original, model, x)  # float32 sums in another order, or not?
+    if problem or after[0].shape != before[0].shape:
+        return (
+            "FAILING",
+            problem or f"output shape {tuple(before[0].shape)} -> {tuple(after[0].shape)}",
+        )
+    changes = [float((a - b).abs().max()) for a, b in zip(after, before, strict=True)]
+    scale = max(1.0, *(float(b.abs().max()) for b in before))
+    kept = (spec["op"] == "grow" and zero and zero[0]) or (
+        spec["op"] == "deepen" and (spec["data"] or spec["kind"] == "residual")
+    )
+    if kept and not max(changes) <= 1e-5 * scale:
+        exact = float64_change(original, model, x, train_mode)  # float32 rounding, or not?
         if not exact <= 1e-9 * scale:
+            mode = "training" if changes[0] <= 1e-5 * scale else "eval"
             why = f"of {scale:.1e}; in float64 by {exact:.1e}"
-            return "FAILING", f"zero fan-out growth changed the outputs by {change:.2e} ({why})"
-        return "applied", f"output change {change:.1e} in float32, {exact:.1e} in float64"
-    return "applied", f"output change {change:.1e}"
+            return (
+                "FAILING",
+                f"{spec['op']} changed the {mode}-mode outputs by {max(changes):.2e} ({why})",
+            )
+        return "applied", f"output change {max(changes):.1e} in float32, {exact:.1e} in float64"
+    return "applied", f"output change {max(changes):.1e}"
 
 
-def float64_change(before: nn.Module, after: nn.Module, x: torch.Tensor) -> float:
+KEEPS_FUNCTION = ("grow", "deepen")  # zero fan-out growth; deepen with data or residual
+
+
+def outputs(model: nn.Module, x: torch.Tensor, train_mode: bool) -> list[torch.Tensor]:
+    """Eval-mode outputs, and training-mode ones when asked (buffers restored after: a
+    train-mode BatchNorm updates its running statistics); the model is left in eval mode."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad():
+        outs = [model.eval()(x)] + ([model.train()(x)] if train_mode else [])
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    model.eval()
+    return outs
+
+
+def float64_change(
+    before: nn.Module, after: nn.Module, x: torch.Tensor, train_mode: bool = False
+) -> float:
     """Largest output change between two models evaluated in float64 (copies): zero when
     a float32 change is only rounding (another summation order in a wider layer)."""
-    with torch.no_grad():
-        a = copy.deepcopy(after).double().eval()(x.double())
-        return float((a - before.double().eval()(x.double())).abs().max())
+    a = outputs(copy.deepcopy(after).double(), x.double(), train_mode)
+    b = outputs(copy.deepcopy(before).double(), x.double(), train_mode)
+    return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
 
 
 def train_step(model: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
@@ -531,7 +560,7 @@ def fuzz_arch(name: str, n: int, seed: int, zero: list[bool]) -> dict[str, Any]:
             outcomes["models built"] += 1
         try:
             spec = random_call(model, x, opt, rng)
-            outcome, why = judge(model, x, spec, zero)
+            outcome, why = judge(model, x, spec, zero, name in TRAIN_MODE_CHECKED)
             fresh = outcome == "FAILING" or (outcome == "applied" and not train_step(model, x, opt))
         except DynarchError as exc:  # the trace itself refused
             spec, (outcome, why) = {"op": "trace"}, refusal(model, model.state_dict(), exc)
