@@ -238,7 +238,8 @@ def test_a_training_only_branch_is_in_the_group_it_reads(mode: str, init: str) -
     """Torch-Pruning traces in eval mode, where ``aux`` does not run: conv1's group missed it,
     and after growing conv1 the next training step failed (mat1 and mat2 shapes cannot be
     multiplied). The trace follows the training-mode forward when it runs more layers; in
-    eval mode a gradient init gives aux no gradient (it was a KeyError)."""
+    eval mode a gradient init gives aux no gradient (it was a KeyError), and the taylor
+    importance a zero one (an AttributeError)."""
     torch.manual_seed(0)
     model = _TrainingOnlyHead().train(mode == "train")
     x = torch.randn(4, 3, 8, 8)
@@ -257,5 +258,8 @@ def test_a_training_only_branch_is_in_the_group_it_reads(mode: str, init: str) -
     after = outputs()
     for m in ("train", "eval"):
         assert torch.allclose(after[m], before[m], atol=1e-6), m
-    dynarch.prune(model, "conv1", 3)
+    dynarch.prune(model, "conv1", 2, data=data, loss_fn=nn.functional.cross_entropy)
+    dynarch.prune(
+        model, "conv1", 1, importance="taylor", data=data, loss_fn=nn.functional.cross_entropy
+    )
     assert model.aux.in_features == 5 and model.train()(x).shape == (4, 4)

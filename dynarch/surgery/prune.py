@@ -155,6 +155,9 @@ def _least_important(
             x, y = data
             with buffers_restored(model):  # a probe: BatchNorm statistics stay as they were
                 loss_fn(model(x), y).backward()
+            for p in model.parameters():  # a layer this mode does not run (a training-only
+                if p.grad is None:  # head in eval mode) changes the loss by nothing
+                    p.grad = torch.zeros_like(p)
             scores = IMPORTANCES[importance]()(tp_group)
             if scores is not None:  # gradients of a diverged model would choose at random
                 check_finite(scores, f"the taylor importance of {target!r}'s channels")
