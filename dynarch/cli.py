@@ -216,7 +216,7 @@ class _Job:
         failure writes its own). A resume refused before that leaves the dir as it was."""
         if not (self.resume and self.main and _resume_started(self.run_dir, self.before)):
             return
-        with contextlib.suppress(OSError):  # a full disk: the run's own error says so
+        with contextlib.suppress(OSError, DynarchError):  # a full disk: the run's error says so
             if config_disagreement(self.run_dir, plain) is not None:
                 write_config(self.run_dir, plain)
             (self.run_dir / "FAILED").unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dynarch.atomic import write_bytes
 from dynarch.errors import DynarchError, first_line
 
 # What a run dir holds once its run has started: its history and its checkpoint.
@@ -104,8 +105,8 @@ def _holder(path: Path) -> str:
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """``config.yaml``: the config the run in ``run_dir`` runs with."""
-    (run_dir / CONFIG).write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+    """``config.yaml``: the config the run in ``run_dir`` runs with (whole or not at all)."""
+    write_bytes(run_dir / CONFIG, OmegaConf.to_yaml(config).encode("utf-8"))
 
 
 def config_disagreement(run_dir: Path, config: dict[str, Any]) -> str | None:
