@@ -22,10 +22,10 @@ from dynarch.errors import DynarchError, close_matches
 
 @dataclass
 class ModelConfig:
-    name: str = "vgg_small"  # vgg_small | resnet_small | wrn | torchvision:<name>
+    name: str = "vgg_small"  # vgg_small | resnet_small | wrn | torchvision:<name> | timm:<name>
     width: int | None = 16  # base width of the built-in models (None for torchvision)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra builder arguments
-    # your own model: pkg.module.Class (or a function), called with kwargs (+ num_classes,
+    # your own model: pkg.module.Class (an nn.Module subclass), called with kwargs (+ num_classes,
     # in_channels, image_size when it takes them); name and width are then not used
     _target_: str | None = None
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError, first_line
+from dynarch.timm_models import TIMM_PREFIX, build_timm
 
 BUILTIN_MODELS = ("vgg_small", "resnet_small", "wrn")
 TORCHVISION_PREFIX = "torchvision:"
@@ -243,7 +244,8 @@ def wrn(
 def build_model(
     name: str, num_classes: int, in_channels: int, image_size: int, **kwargs: object
 ) -> nn.Module:
-    """Build a model by name (``vgg_small``, ``resnet_small`` or ``torchvision:<name>``).
+    """Build a model by name (``vgg_small``, ``resnet_small``, ``wrn``, ``torchvision:<name>``
+    or ``timm:<name>``).
 
     Extra keyword arguments go to the builder (e.g. ``width``); ``image_size`` only matters to
     ``vgg_small``, whose linear head depends on it.
@@ -259,6 +261,8 @@ def build_model(
         tv_name = name[len(TORCHVISION_PREFIX) :]
         if tv_name in _torchvision_names():
             model = _build_torchvision(tv_name, num_classes, in_channels, **kwargs)
+    elif name.startswith(TIMM_PREFIX):
+        model = build_timm(name[len(TIMM_PREFIX) :], num_classes, in_channels, **kwargs)
     if model is not None:
         _check_input_fits(model, name, num_classes, in_channels, image_size)
         return model
@@ -268,7 +272,8 @@ def build_model(
         f"did you mean: {', '.join(close)}?"
         if close
         else (
-            f"valid: {', '.join(BUILTIN_MODELS)} or torchvision:<name> (e.g. torchvision:resnet18)"
+            f"valid: {', '.join(BUILTIN_MODELS)}, torchvision:<name> (e.g. torchvision:resnet18) "
+            "or timm:<name> (e.g. timm:resnet18d)"
         )
     )
     raise ValueError(f"unknown model {name!r}; {hint}")

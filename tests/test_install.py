@@ -80,4 +80,4 @@ def test_dependencies_are_capped_by_major_version_only() -> None:
     assert not [d for d in pins.values() if "<=" in d or "==" in d]
     assert pins["torch-pruning"].endswith("<2") and pins["torch"].endswith("<3")
     extras = project["optional-dependencies"]
-    assert {"onnx", "tensorboard"} <= extras.keys()
+    assert {"onnx", "tensorboard", "timm"} <= extras.keys()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import dynarch
 from dynarch.models import build_model, count_params, resnet_small, vgg_small
 
 
@@ -174,3 +175,27 @@ def test_pretrained_torchvision_weights_get_a_new_head_and_a_grey_first_conv(
     assert model.fc.out_features == 10 and model.fc.in_features == 512
     # one grey channel sees what the RGB kernels saw of a grey image (R = G = B)
     torch.testing.assert_close(state["conv1.weight"], pretrained["conv1.weight"].sum(1, True))
+
+
+def test_timm_models_by_name_grow_and_prune_with_the_function_kept() -> None:
+    """``timm:<name>``: timm builds the head and first conv for the data itself; its resnet18d
+    (deep stem, avg-pool shortcuts) grows with zero fan-out and prunes; a misspelt name is one
+    line with timm's closest names."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_model("timm:resnet18d", num_classes=10, in_channels=1, image_size=16).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    assert before.shape == (2, 10)
+    targets = dynarch.ArchGraph.from_module(model, x).targets()
+    assert {"conv1.0", "layer1.0.conv1", "layer4.1.conv1"} <= set(targets)
+    dynarch.grow(model, "layer1.0.conv1", 3, "zeros")
+    dynarch.grow(model, "conv1.3", 2, "gradmax_fanin", data=(x, torch.tensor([1, 2])),
+                 loss_fn=nn.functional.cross_entropy)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    dynarch.prune(model, "layer4.1.conv1", 100)
+    assert model.layer4[1].conv1.out_channels == 412 and model(x).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"unknown timm model 'resnet18e'; did you mean: .*timm:"):
+        build_model("timm:resnet18e", 10, 1, 16)
