@@ -25,10 +25,8 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
+from dynarch.ops import op_named
 from dynarch.run_dir import CHECKPOINT
-from dynarch.surgery.deepen import deepen
-from dynarch.surgery.grow import grow
-from dynarch.surgery.prune import prune
 
 FORMAT_VERSION = 2  # 2: only tensors and plain values (the NumPy RNG state as a tensor)
 FILENAME = CHECKPOINT
@@ -145,15 +143,12 @@ def restore_training_state(
 
 
 def replay(model: nn.Module, mutations: list[dict[str, Any]], example: torch.Tensor) -> None:
-    """Give a freshly built ``model`` the shapes the run had: apply its mutations again (grows
-    with zeros, prunes of the recorded channels). Values come from the state dict after."""
+    """Give a freshly built ``model`` the shapes the run had: apply its mutations again, each
+    by its op's replay (grows with zeros, prunes of the recorded channels, the same inserted
+    layers). Values come from the state dict after. An op not registered in this process is
+    one line (no silent guess at what it did)."""
     for m in mutations:
-        if m["kind"] == "grow":
-            grow(model, m["target"], m["k"], init="zeros", example_inputs=example)
-        elif m["kind"] == "deepen":
-            deepen(model, m["target"], m["method"], example_inputs=example, **m["options"])
-        else:
-            prune(model, m["target"], idxs=m["indices"], example_inputs=example)
+        op_named(m["kind"]).replay(model, m, example)
 
 
 def rng_states() -> dict[str, Any]:

@@ -3,9 +3,10 @@
 :func:`run` sets up what stays fixed (:class:`RunSetup`: data, lengths, processes), starts a
 :class:`~dynarch.run_state.RunState` (new, or from the checkpoint) and repeats one step:
 mutate (build the :class:`TrainState`, cheap with its heavy parts lazy, ask the policy, apply
-its mutations through :func:`dynarch.grow` / :func:`dynarch.prune` with the *same* optimizer,
-state carried, and record each in the run history), update (forward, backward, optimizer and
-LR steps), then evaluate and checkpoint when due. The LR schedule is a multiplier on
+its mutations through their ops in dynarch/ops.py (:func:`dynarch.grow`, :func:`dynarch.prune`,
+:func:`dynarch.deepen` or a user's) with the *same* optimizer, state carried, and record each
+in the run history), update (forward, backward, optimizer and LR steps), then evaluate and
+checkpoint when due. The LR schedule is a multiplier on
 ``param_groups``' lr, so it continues across mutations.
 """
 
@@ -32,13 +33,11 @@ from dynarch.errors import ConfigError, DynarchError, first_line
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import build_from_config, count_params, model_name
+from dynarch.ops import op_named
 from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
 from dynarch.run_logs import TensorBoardLog, write_metrics_csv
 from dynarch.run_state import RunState, read_checkpoint
 from dynarch.stopping import RunInterrupted, StopRequest
-from dynarch.surgery.deepen import deepen
-from dynarch.surgery.grow import grow
-from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
 from dynarch.trained import save_version_weights, write_model_spec
 
@@ -137,41 +136,12 @@ def apply_mutation(
     loss_fn: Callable,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MutationRecord:
-    if m.op == "grow":
-        return grow(
-            model,
-            m.target,
-            m.k,
-            init=m.init,
-            data=batch,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            reduce_sum=reduce_sum,
-            **m.init_options,
-        )
-    if m.op == "deepen":
-        return deepen(
-            model,
-            m.target,
-            m.kind,
-            optimizer=optimizer,
-            data=batch,
-            loss_fn=loss_fn,
-            init=m.init,
-            reduce_sum=reduce_sum,
-        )
-    if m.op == "prune":
-        return prune(
-            model,
-            m.target,
-            k=m.k,
-            idxs=m.idxs,
-            importance=m.importance,
-            optimizer=optimizer,
-            data=batch,
-            loss_fn=loss_fn,
-        )
-    raise ConfigError(f"policy returned a mutation with unknown op {m.op!r}")
+    """Apply ``m`` through its op (dynarch/ops.py); an op no one registered is one line."""
+    try:
+        op = op_named(m.op)
+    except DynarchError as exc:
+        raise ConfigError(f"policy returned a mutation with {exc}") from None
+    return op.apply(m, model, optimizer, batch, loss_fn, reduce_sum)
 
 
 class NumericalError(DynarchError):
@@ -554,29 +524,14 @@ def _apply_and_record(
         macs_after=state.macs,
     )
     state.history.log_architecture(step, state.graph.to_node_link(), event_id=event)
-    state.mutations.append(_replay_entry(record))
+    op = op_named(m.op)
+    state.mutations.append(op.replay_entry(record))
     reason = f" [{m.reason}]" if m.reason else ""
-    what = (
-        f"deepen after {m.target}: {record.method} ({record.group})"
-        if m.op == "deepen"
-        else f"{m.op} {m.target} by {record.k} ({record.method}): "
-        f"width {record.width_before} -> {record.width_after}"
-    )
+    what = op.describe(m, record)
     line = f"step {step}: {what}, params {record.params_before} -> {record.params_after}{reason}"
     setup.log(f"  {line}")
     if state.board is not None:
         state.board.mutation(step, line)
-
-
-def _replay_entry(record: MutationRecord) -> dict[str, Any]:
-    """What a resume needs to give a fresh model this mutation's shapes (values come from the
-    checkpoint): the channels, or for a deepen the kind and options of the inserted layer."""
-    entry = {"kind": record.kind, "target": record.target, "k": record.k}
-    entry["indices"] = record.indices
-    if record.kind == "deepen":
-        entry["method"] = record.method
-        entry["options"] = {"kernel_size": record.info["kernel_size"], "norm": record.info["norm"]}
-    return entry
 
 
 def _update(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -697,7 +652,7 @@ def _apply_everywhere(
     like Taylor depends on the local batch) and sent to the others."""
     if procs.world == 1:
         return apply_mutation(m, model, optimizer, batch, loss_fn)
-    if m.op == "prune" and m.idxs is None:
+    if op_named(m.op).chosen_on_rank0 and m.idxs is None:
         record = apply_mutation(m, model, optimizer, batch, loss_fn) if procs.is_main else None
         idxs = procs.broadcast(record.indices if record is not None else None)
         if record is None:

@@ -14,6 +14,7 @@ import networkx as nx
 
 from dynarch.atomic import write_rendered
 from dynarch.errors import DynarchError
+from dynarch.ops import channel_change, look_of, op_names
 from dynarch.query import History, node_changes
 
 COLOURS = {
@@ -66,9 +67,8 @@ def widths_figure(h: History) -> Any:
         ax.step([*xs, end], [*ys, ys[-1]], where="post", color="#1f77b4", linewidth=1.4)
         for e in events:
             if e["group"] == name:
-                grew = e["kind"] == "grow"
-                colour = COLOURS["grown"] if grew else COLOURS["pruned"]
-                ax.plot(e["step"], e["width_after"], "^" if grew else "v", color=colour, ms=6)
+                look = look_of(e["kind"])
+                ax.plot(e["step"], e["width_after"], look.marker, color=look.colour, ms=6)
         ax.set_title(f"{name}  {ys[0]}→{ys[-1]}", fontsize=7.5)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -77,7 +77,8 @@ def widths_figure(h: History) -> Any:
     for ax in axes[max(0, len(names) - cols) : len(names)]:  # the lowest panel of each column
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(f"{h.name}: channels of every layer (▲ grow, ▼ prune)", fontsize=10)
+    marks = ", ".join(f"{look_of(kind).glyph} {kind}" for kind in _kinds(events))
+    fig.suptitle(f"{h.name}: channels of every layer ({marks})", fontsize=10)
     return fig
 
 
@@ -111,14 +112,25 @@ def plot_metrics(h: History, path: str | Path) -> Path:
             "top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch)
         )
         top.set_xlabel("epoch", fontsize=8)
-    for e in h.events():
-        colour = COLOURS["grown"] if e["kind"] == "grow" else COLOURS["pruned"]
+    events = h.events()
+    for e in events:
+        colour = look_of(e["kind"]).colour
         for ax in axes:
             ax.axvline(e["step"], color=colour, linestyle="--", linewidth=0.8, alpha=0.6)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{h.name}: size, loss and accuracy (dashed: green grow, red prune)", fontsize=10)
+    dashes = ", ".join(f"{look_of(kind).colour_name} {kind}" for kind in _kinds(events))
+    fig.suptitle(f"{h.name}: size, loss and accuracy (dashed: {dashes})", fontsize=10)
     return _save(fig, path)
+
+
+def _kinds(events: Any) -> list[str]:
+    """The ops a figure's title explains: grow and prune always, then any other the run
+    recorded (a deepen, a user's op), in the table's order."""
+    recorded = {e["kind"] for e in events}
+    return [
+        k for k in dict.fromkeys([*op_names(), *recorded]) if k in recorded or channel_change(k)
+    ]
 
 
 def _drawn(graph: nx.DiGraph) -> nx.DiGraph:

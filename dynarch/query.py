@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import networkx as nx
 
 from dynarch.history_store import HistoryError, HistoryReader
+from dynarch.ops import channel_change
 
 _CACHE_SIZE = 256
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -391,7 +392,8 @@ class History:
     def events(
         self, kind: str | None = None, target: str | None = None, info: bool = False
     ) -> Table:
-        """Mutations, oldest first; ``kind`` grow/prune, ``target`` a module or group name;
+        """Mutations, oldest first; ``kind`` an op name (grow, prune, deepen, a user's: see
+        dynarch/ops.py), ``target`` a module or group name;
         ``info`` adds the record's info dict (what the initializer measured: fan-in/fan-out
         gradient norms, output change, TINY's loss change, fallbacks) as a last column."""
         rows = []
@@ -427,9 +429,10 @@ class History:
         grown: dict[str, int] = {}
         pruned: dict[str, int] = {}
         for e in between:
-            if e["kind"] not in ("grow", "prune"):  # a deepen adds layers, not channels
+            sign = channel_change(e["kind"])
+            if not sign:  # a deepen adds layers, not channels
                 continue
-            into = grown if (e["kind"] == "grow") == forward else pruned
+            into = grown if (sign > 0) == forward else pruned
             into[e["grp"]] = into.get(e["grp"], 0) + e["k"]
         wa = group_widths(groups_of(ga))
         wb = group_widths(groups_of(gb))
@@ -487,8 +490,8 @@ class History:
             "command": run.get("command"),
             "last_step": self.last_step(),
             "versions": len(rows),
-            "grows": sum(e["kind"] == "grow" for e in events),
-            "prunes": sum(e["kind"] == "prune" for e in events),
+            "grows": sum(channel_change(e["kind"]) > 0 for e in events),
+            "prunes": sum(channel_change(e["kind"]) < 0 for e in events),
             "params_initial": stats[first_v][0],
             "params_final": stats[last_v][0],
             "macs_initial": stats[first_v][1],

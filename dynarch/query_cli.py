@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dynarch.atomic import write_bytes
-from dynarch.errors import DynarchError, first_line
+from dynarch.errors import DynarchError, close_matches, first_line
 from dynarch.export import FORMATS, export_graph
+from dynarch.ops import op_names
 from dynarch.query import History, Table, _cell, compare, node_changes
 
 COMMANDS = ("summary", "versions", "widths", "events", "metrics", "diff", "graph", "plot")
@@ -64,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         ("metrics", "logged metrics (eval and train rows)"),
     ):
         sub.add_parser(name, help=text, parents=[json_flag])
-    events = sub.add_parser("events", help="grow/prune events", parents=[json_flag])
-    events.add_argument("--kind", choices=("grow", "prune"))
+    events = sub.add_parser("events", help="grow/prune/deepen events", parents=[json_flag])
+    events.add_argument(
+        "--kind",
+        metavar="{" + ",".join(op_names()) + "}",
+        help="an op (dynarch/ops.py), or any op the run recorded",
+    )
     events.add_argument("--target", help="module or channel group name")
     diff = sub.add_parser("diff", help="what changed between two steps", parents=[json_flag])
     diff.add_argument("step_a", type=int)
@@ -136,7 +141,7 @@ def _dispatch(argv: list[str]) -> None:
         elif args.command == "metrics":
             _print(h.metrics(), as_json)
         elif args.command == "events":
-            _print(h.events(kind=args.kind, target=args.target), as_json)
+            _print(h.events(kind=_op_kind(h, args.kind), target=args.target), as_json)
         elif args.command == "diff":
             d = h.diff(args.step_a, args.step_b)
             _print(d.to_dict() if as_json else d, as_json)
@@ -155,6 +160,20 @@ def _dispatch(argv: list[str]) -> None:
             out = args.out if args.out is not None else _run_dir(args.run_dir) / "plots"
             for path in plot_all(h, out, fmt=args.format, step=args.at):
                 print(path)
+
+
+def _op_kind(h: History, kind: str | None) -> str | None:
+    """``--kind``: a registered op, or one the run recorded (a user's op, whose module this
+    process has not imported); anything else is argparse's one line, with the closest names."""
+    if kind is None:
+        return None
+    known = list(dict.fromkeys([*op_names(), *h.events().column("kind")]))
+    if kind not in known:
+        raise _UsageError(
+            f"argument --kind: invalid choice: {kind!r} (choose from {', '.join(known)})"
+            + close_matches(kind, known)
+        )
+    return kind
 
 
 def runs_in(paths: list[str]) -> list[Path]:

@@ -15,10 +15,11 @@ from torch import nn
 
 import dynarch
 from dynarch.checkpoint import replay
-from dynarch.controller import _replay_entry, _state, apply_mutation
+from dynarch.controller import _state, apply_mutation
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.models import resnet_small, vgg_small
+from dynarch.ops import op_named
 from dynarch.policies import Deepen, EveryNSteps, PolicyError, Schedule, TrainState
 from dynarch.policies.schedule import ScheduleError
 from dynarch.probes import buffers_restored
@@ -326,7 +327,7 @@ def test_training_only_branches_survive_a_deepen_in_either_mode(
     torch.testing.assert_close(train_after, train_before, rtol=0, atol=0)
     # a resume replays the deepen on a fresh model, in the other mode: the same function
     replayed = _AuxNet(tuple_out).double().train(not in_train_mode)
-    replay(replayed, [_replay_entry(record)], x)
+    replay(replayed, [op_named(record.kind).replay_entry(record)], x)
     replayed.load_state_dict(model.state_dict())
     for got, expected in zip(_outputs(replayed, x), _outputs(model, x), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

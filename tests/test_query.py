@@ -639,3 +639,27 @@ def test_live_reads_are_one_snapshot_while_a_writer_appends(tmp_path: Path) -> N
         stop.set()
         writer.join()
     assert not failed, failed
+
+
+def test_events_of_a_deepen_by_kind(tmp_path: Path, capsys) -> None:
+    """``--kind`` takes every op of the table (a deepen too, once refused by argparse); a
+    misspelt one is one line with the closest names."""
+    torch.manual_seed(0)
+    model, x = vgg_small(width=4), torch.randn(2, 1, 8, 8)
+    with HistoryWriter(tmp_path / "history.db") as h:
+        h.write_run({"trainer": {"steps": 4}}, command="test")
+        h.log_architecture(0, dynarch.ArchGraph.from_module(model, x[:1]).to_node_link())
+        rec = dynarch.deepen(model, "features.conv1", "conv", example_inputs=x[:1])
+        event = h.log_mutation(2, 0.5, rec.to_dict(), reason="test")
+        h.log_architecture(2, dynarch.ArchGraph.from_module(model).to_node_link(), event_id=event)
+        h.finish("completed", None)
+    code, out, err = query(str(tmp_path), "--json", "events", "--kind", "deepen", capsys=capsys)
+    assert code == 0 and not err
+    assert [(e["step"], e["kind"], e["target"]) for e in json.loads(out)] == [
+        (2, "deepen", "features.conv1")
+    ]
+    code, out, _ = query(str(tmp_path), "--json", "events", "--kind", "grow", capsys=capsys)
+    assert code == 0 and json.loads(out) == []
+    code, _, err = query(str(tmp_path), "events", "--kind", "deepn", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "invalid choice: 'deepn'" in err and "(did you mean: 'deepen'?)" in err

@@ -56,7 +56,7 @@ def check_fraction(
 class Mutation:
     """One grow, prune or deepen the controller should apply now."""
 
-    op: str  # "grow" | "prune" | "deepen"
+    op: str  # an op of dynarch/ops.py: "grow", "prune", "deepen" or a registered one
     target: str  # deepen: the module the new layer goes after
     k: int | None = None
     idxs: list[int] | None = None  # prune only: exact channels instead of k

@@ -10,21 +10,20 @@ from typing import Any
 from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
-from dynarch.initializers import check_initializer
+from dynarch.ops import Op, op_named, op_names
 from dynarch.policies.base import Mutation, TrainState
 from dynarch.policies.select import resolve_one
 from dynarch.scalars import as_number, as_positive
-from dynarch.surgery.deepen import check_choice, inserted_name
+from dynarch.surgery.deepen import inserted_name
 from dynarch.surgery.plan import check_memory
-from dynarch.surgery.prune import check_importance
 
-OPS = ("grow", "prune", "deepen")
 TIMES = ("epoch", "step", "at")  # at: a fraction of the run, so a preset fits any length
-_ENTRY_KEYS = {
-    "grow": {*TIMES, "op", "target", "k", "fraction", "init", "init_options"},
-    "prune": {*TIMES, "op", "target", "k", "fraction", "importance"},
-    "deepen": {*TIMES, "op", "after", "kind", "init"},
-}
+_CHANNEL_KEYS = ("target", "k", "fraction")  # an op that changes a layer's channels
+
+
+def _entry_keys(op: Op) -> set[str]:
+    """The keys a schedule entry of ``op`` may have (dynarch/ops.py's ``schedule_keys``)."""
+    return {*TIMES, "op", *(() if op.adds_layer else _CHANNEL_KEYS), *op.schedule_keys}
 
 
 class ScheduleError(DynarchError):
@@ -94,11 +93,12 @@ class Schedule:
                     f"({state.total_steps} steps, {state.total_steps / state.steps_per_epoch:g} "
                     "epochs)"
                 )
-            if m.op == "deepen":
+            op = op_named(m.op)
+            if op.adds_layer:
                 inserted.append(_check_deepen(where, m, modules, inserted))
             elif not any(m.target.startswith(f"{name}.") for name in inserted):
-                _check_width(where, m, graph, widths)
-                if m.op == "grow":
+                _check_width(where, m, op.channels, graph, widths)
+                if op.channels > 0:
                     _check_memory(where, m, graph, state.model)
 
     def decide(self, state: TrainState) -> list[Mutation]:
@@ -146,7 +146,7 @@ def _check_deepen(where: str, m: Mutation, modules: set[str], inserted: list[str
     return inserted_name(m.target, known)
 
 
-def _check_width(where: str, m: Mutation, graph: Any, widths: dict[str, int]) -> None:
+def _check_width(where: str, m: Mutation, sign: int, graph: Any, widths: dict[str, int]) -> None:
     """``m.target`` is a target and its group keeps at least one channel; ``widths`` follows."""
     targets = graph.targets()
     if m.target not in targets:
@@ -161,7 +161,7 @@ def _check_width(where: str, m: Mutation, graph: Any, widths: dict[str, int]) ->
             f"{where}: {problem}; targets: {', '.join(targets)}" + close_matches(m.target, targets)
         )
     group = graph.group_of(m.target).name
-    change = m.k if m.op == "grow" else -m.k
+    change = sign * m.k
     if widths[group] + change < 1:
         raise ScheduleError(
             f"{where}: pruning {m.k} channels of {m.target!r} would leave "
@@ -191,17 +191,13 @@ def _parse(entries: Any) -> list[_Entry]:
         where = f"schedule[{index}]"
         if not isinstance(entry, Mapping):
             raise ScheduleError(f"{where} must be a mapping like {{epoch, op, target, k}}")
-        op = entry.get("op")
-        if op not in OPS:
-            raise ScheduleError(
-                f"{where}: unknown op {op!r}; valid ops: {', '.join(OPS)}"
-                + close_matches(str(op), OPS)
-            )
-        unknown = sorted(set(entry) - _ENTRY_KEYS[op])
+        op = _op(where, entry.get("op"))
+        allowed = _entry_keys(op)
+        unknown = sorted(set(entry) - allowed)
         if unknown:
             raise ScheduleError(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for op {op!r}; "
-                f"allowed: {', '.join(sorted(_ENTRY_KEYS[op]))}"
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for op {op.name!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
             )
         units = [unit for unit in TIMES if unit in entry]
         if len(units) != 1:
@@ -218,22 +214,33 @@ def _parse(entries: Any) -> list[_Entry]:
     return parsed
 
 
-def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> tuple[Mutation, float | None]:
-    """The entry's mutation, its names and values checked (initializer options included),
-    and the share of the width it changes when given as ``fraction`` instead of ``k``."""
-    if op == "deepen":
-        after, kind, init = (
-            entry.get("after"),
-            entry.get("kind", "conv"),
-            entry.get("init", "random"),
-        )
-        if not isinstance(after, str) or not after:
-            raise ScheduleError(f"{where}: after must be a module name, got {after!r}")
-        try:
-            check_choice(str(kind), str(init))
-        except DynarchError as exc:
-            raise ScheduleError(f"{where}: {exc}") from None
-        return Mutation(op="deepen", target=after, kind=kind, init=init), None
+def _op(where: str, name: Any) -> Op:
+    try:
+        return op_named(name)
+    except DynarchError:
+        known = op_names()
+        raise ScheduleError(
+            f"{where}: unknown op {name!r}; valid ops: {', '.join(known)}"
+            + close_matches(str(name), known)
+        ) from None
+
+
+def _mutation(where: str, op: Op, entry: Mapping[str, Any]) -> tuple[Mutation, float | None]:
+    """The entry's mutation, its names and values checked (by its op: initializer options,
+    importance, the inserted layer's kind), and the share of the width it changes when given
+    as ``fraction`` instead of ``k``."""
+    mutation, fraction = Mutation(op=op.name, target=""), None
+    if not op.adds_layer:
+        mutation, fraction = _channels(where, op, entry)
+    try:
+        fields = op.schedule_fields(entry)
+    except DynarchError as exc:
+        raise ScheduleError(f"{where}: {exc}") from None
+    return replace(mutation, **fields), fraction
+
+
+def _channels(where: str, op: Op, entry: Mapping[str, Any]) -> tuple[Mutation, float | None]:
+    """The target and the count (``k``, or ``fraction`` of the width) of a channel op."""
     if "target" not in entry or ("k" in entry) == ("fraction" in entry):
         raise ScheduleError(f"{where}: give a target and one of k or fraction")
     target, k, fraction = entry["target"], entry.get("k", 0), entry.get("fraction")
@@ -247,14 +254,4 @@ def _mutation(where: str, op: str, entry: Mapping[str, Any]) -> tuple[Mutation, 
         fraction, given = as_number(fraction), fraction
         if fraction is None or not fraction > 0:
             raise ScheduleError(f"{where}: fraction must be a number > 0, got {given!r}")
-    mutation = Mutation(op=op, target=target, k=k)
-    try:
-        if op == "grow":
-            mutation.init = entry.get("init", "random")
-            mutation.init_options = dict(entry.get("init_options") or {})
-            check_initializer(mutation.init, mutation.init_options)
-        else:
-            mutation.importance = check_importance(entry.get("importance", "magnitude"))
-    except DynarchError as exc:
-        raise ScheduleError(f"{where}: {exc}") from None
-    return mutation, fraction
+    return Mutation(op=op.name, target=target, k=k), fraction
