@@ -47,6 +47,7 @@ from dynarch.run_dir import (
     cannot_create,
     config_disagreement,
     holds_run,
+    nearest_existing,
     not_a_dir_path,
     owned,
     write_config,
@@ -118,7 +119,7 @@ def _check_run_dir(given: str, key: str, new: bool) -> None:
     if problem is not None:
         _exit_with(problem)
     run_dir = Path(given).expanduser().resolve()
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    existing = nearest_existing(run_dir)
     if new and holds_run(run_dir):
         problem = _holds_a_run(run_dir)
     elif not os.access(existing, os.W_OK):

@@ -121,12 +121,13 @@ def gradient_matrix(
                 with torch.enable_grad():
                     loss = ctx.loss_fn(ctx.model(x), y)
                     called = [name for name in consumers if name in captured]
-                    found = torch.autograd.grad(
+                    grads = torch.autograd.grad(
                         loss, [captured[name][1] for name in called], allow_unused=True
                     )
                 # a consumer this mode does not run (a training-only head in eval mode) gets
                 # no gradient, like an unused one: zero rows in M
-                deltas = [dict(zip(called, found, strict=True)).get(name) for name in consumers]
+                found = dict(zip(called, grads, strict=True))
+                deltas = [found.get(name) for name in consumers]
                 p_in, p_out = captured["producer"]
                 cols = _producer_patches(producer, p_in)  # (B, F) or (B, F, L)
                 if centre:

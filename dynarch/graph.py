@@ -42,7 +42,7 @@ from dynarch.layer_kinds import (
     torch_pruning_pruners,
     unsupported_reason,
 )
-from dynarch.probes import buffers_restored, modes_restored
+from dynarch.probes import modes_restored, state_restored
 
 # Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
 _CHANNEL_REARRANGING = (
@@ -211,9 +211,8 @@ def _trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else example_inputs
     try:
         with modes_restored(model), torch.enable_grad():
-            dg = _dependency_graph(model, inputs, training=False)
-            if _training_only_layers(model, inputs):
-                dg = _dependency_graph(model, inputs, training=True)
+            training = bool(_training_only_layers(model, inputs))
+            dg = _dependency_graph(model, inputs, training)
     except Exception as exc:
         raise _trace_error(model, example_inputs, exc) from exc
     _place_concat_inputs(dg)
@@ -230,7 +229,7 @@ def _dependency_graph(model: nn.Module, inputs: Any, training: bool) -> tp.Depen
 
 
 def _training_forward(model: nn.Module, inputs: Any) -> Any:
-    with buffers_restored(model), torch.random.fork_rng(_devices(model)):
+    with state_restored(model):
         return model.train()(*_two_samples(inputs))
 
 
@@ -247,7 +246,7 @@ def _training_only_layers(model: nn.Module, inputs: Any) -> list[str]:
         if next(m.parameters(recurse=False), None) is not None
     ]
     try:
-        with torch.no_grad(), buffers_restored(model), torch.random.fork_rng(_devices(model)):
+        with torch.no_grad(), state_restored(model):
             for mode[0] in (False, True):
                 model.train(mode[0])(*_two_samples(inputs))
     except Exception:  # noqa: BLE001  (a forward that fails here fails the trace with its line)
@@ -265,11 +264,6 @@ def _two_samples(inputs: Any) -> Any:
 
 def _one_sample(x: Any) -> bool:
     return torch.is_tensor(x) and x.dim() > 0 and len(x) == 1
-
-
-def _devices(model: nn.Module) -> list[torch.device]:
-    """The CUDA devices whose random state a probe forward must leave as it was."""
-    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
 
 
 def _trace_error(model: nn.Module, example_inputs: Any, exc: Exception) -> DynarchError:

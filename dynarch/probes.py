@@ -91,6 +91,16 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def state_restored(model: nn.Module) -> Iterator[None]:
+    """A probe forward in training mode leaves BatchNorm statistics and the random state (a
+    Dropout's draws, on the CPU and the model's GPUs) as they were: a run that traces more
+    often (a resume replaying its mutations) stays bit-equal."""
+    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    with buffers_restored(model), torch.random.fork_rng(devices):
+        yield
+
+
+@contextmanager
 def modes_restored(model: nn.Module, training: bool | None = None) -> Iterator[None]:
     """Put ``model`` in train (``training=True``) or eval mode for a probe, or leave it, and
     give every submodule back its own flag afterwards (a frozen BatchNorm stays in eval)."""

@@ -38,14 +38,18 @@ def holds_run(path: Path) -> bool:
     return (path / HISTORY).exists() or (path / CHECKPOINT).exists()
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (a run dir is created below it)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def not_a_dir_path(given: str, key: str) -> str | None:
     """Why ``given`` (the value of ``key``, e.g. ``hydra.run.dir``) cannot name a run dir, or
     None: empty (``Path("")`` is the current directory, which would fill with the run's files),
     a file, or a path below a file (Hydra's mkdir would fail with a traceback)."""
     if not given.strip():
         return f"{key} is empty; give the directory the run writes to"
-    path = Path(given).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(Path(given).expanduser().absolute())
     if not existing.is_dir():
         return f"{key}={given}: {existing} is not a directory"
     return None
@@ -55,7 +59,7 @@ def cannot_create(path: Path) -> str | None:
     """Why the missing dir ``path`` cannot be created (under /proc, say), or None. Tried with
     a temporary dir in its nearest existing parent, removed at once: a refused command leaves
     nothing behind."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(path)
     if existing == path:
         return None
     try:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
-from dynarch.ops import Op, op_named, op_names
+from dynarch.ops import Op, op_named
 from dynarch.policies.base import Mutation, TrainState
 from dynarch.policies.select import resolve_one
 from dynarch.scalars import as_number, as_positive
@@ -217,12 +217,8 @@ def _parse(entries: Any) -> list[_Entry]:
 def _op(where: str, name: Any) -> Op:
     try:
         return op_named(name)
-    except DynarchError:
-        known = op_names()
-        raise ScheduleError(
-            f"{where}: unknown op {name!r}; valid ops: {', '.join(known)}"
-            + close_matches(str(name), known)
-        ) from None
+    except DynarchError as exc:  # op_named's line: the known ops, the closest names
+        raise ScheduleError(f"{where}: {exc}") from None
 
 
 def _mutation(where: str, op: Op, entry: Mapping[str, Any]) -> tuple[Mutation, float | None]:
