@@ -42,10 +42,10 @@ from torch import nn
 
 import dynarch
 from dynarch import distributed
-from dynarch.controller import _state
 from dynarch.graph import ArchGraph, remember_example_inputs
 from dynarch.models import conv_like, count_params, vgg_small
 from dynarch.policies.base import Policy, count_macs
+from dynarch.policies.base import train_state as _state
 from dynarch.policies.schedule import Schedule, Static
 from dynarch.trained import fold_batchnorm
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         LayerKind,
         register_layer_kind,
     )
+    from dynarch.session import Session  # noqa: F401
     from dynarch.surgery.deepen import deepen  # noqa: F401
     from dynarch.surgery.grow import grow  # noqa: F401
     from dynarch.surgery.prune import prune  # noqa: F401
@@ -36,6 +37,7 @@ _HOMES = {
     "GrowthOptions": "dynarch.growth_context",
     "LayerKind": "dynarch.layer_kinds",
     "MutationRecord": "dynarch.surgery.record",
+    "Session": "dynarch.session",
     "NewChannels": "dynarch.growth_context",
     "deepen": "dynarch.surgery.deepen",
     "grow": "dynarch.surgery.grow",

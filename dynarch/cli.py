@@ -24,9 +24,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,6 +42,7 @@ from dynarch.config import (
 from dynarch.errors import ConfigError, DynarchError, close_matches, first_line
 from dynarch.history_store import HistoryReader, records_nothing
 from dynarch.launch import launched_ranks
+from dynarch.presets import CONFIG_DIR, instantiate_policy
 from dynarch.run_dir import (
     CHECKPOINT,
     cannot_create,
@@ -56,7 +57,6 @@ from dynarch.stopping import RunInterrupted
 
 if TYPE_CHECKING:
     from dynarch.controller import RunSummary
-    from dynarch.policies.base import Policy
 
 register()
 
@@ -66,17 +66,6 @@ USAGE = (
     " | dynarch export RUN_DIR [--format pt2|torchscript|onnx|state_dict] [--fold-bn]"
 )
 
-
-def _config_dir() -> str:
-    """The repository's top-level configs/ in a checkout (an editable install), else the copy
-    a regular install ships inside the package (``dynarch/configs``, pyproject.toml). An
-    absolute path: Hydra would resolve a relative one as a Python package."""
-    package = Path(__file__).resolve().parent
-    checkout = package.parent / "configs"
-    return str(checkout if (checkout / "config.yaml").is_file() else package / "configs")
-
-
-CONFIG_DIR = _config_dir()
 
 # The run's lines: console and run.log (configs/hydra/job_logging/dynarch.yaml)
 _LOG = logging.getLogger("dynarch")
@@ -202,7 +191,7 @@ class _Job:
             plain = _with_length(self.before["config"], longer)
         else:
             plain = self._new_run(cfg)
-        policy = _instantiate_policy(OmegaConf.create(plain["policy"]))
+        policy = instantiate_policy(OmegaConf.create(plain["policy"]))
         from dynarch.controller import run  # torch: only once the command line is valid
 
         try:
@@ -330,27 +319,6 @@ def _resume_started(run_dir: Path, before: dict[str, Any] | None) -> bool:
         return False
     keys = ("status", "message", "finished_at")
     return any(after.get(k) != before.get(k) for k in keys)
-
-
-def _instantiate_policy(node: DictConfig) -> Policy:
-    """Build the policy from its ``_target_``; a bad argument is a user error, in one line."""
-    try:
-        policy = instantiate(node, _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        detail = _joined_lines(cause) if cause is not None and str(cause).strip() else None
-        raise ConfigError(f"policy: {detail or _joined_lines(exc)}") from None
-    if not callable(getattr(policy, "decide", None)):
-        raise ConfigError(f"policy: {type(policy).__name__} has no decide(state) method")
-    return policy
-
-
-def _joined_lines(exc: BaseException) -> str:
-    """Hydra's "Error loading 'x.Y':" and the line that says why, as one line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _process_overrides(overrides: list[str]) -> tuple[list[str], str | None]:

@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,19 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
-from dynarch.config import MAX_STEPS
-from dynarch.data import DataSplits, augment, load_data, make_loaders
+from dynarch.data import augment
 from dynarch.errors import ConfigError, DynarchError, first_line
+from dynarch.factories import lr_multiplier, make_optimizer, resolve_device
 from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
-from dynarch.models import build_from_config, count_params, model_name
+from dynarch.models import count_params, model_name
 from dynarch.ops import op_named
-from dynarch.policies.base import Mutation, Policy, TrainState, count_macs
+from dynarch.policies.base import Mutation, Policy, TrainState, train_state
 from dynarch.run_logs import TensorBoardLog, write_metrics_csv
+from dynarch.run_setup import RunSetup, set_up
 from dynarch.run_state import RunState, read_checkpoint
-from dynarch.stopping import RunInterrupted, StopRequest
-from dynarch.surgery.record import MutationRecord
+from dynarch.session import apply_everywhere
+from dynarch.stopping import RunInterrupted
 from dynarch.trained import save_version_weights, write_model_spec
 
 
@@ -51,19 +52,6 @@ class RunSummary:
     mutations: int
     steps: int
     seconds: float
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, so the same config runs on a laptop and a GPU box."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"trainer.device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available")
-    return device
 
 
 @torch.no_grad()
@@ -84,101 +72,8 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float
     return loss_sum / max(1, count), correct / max(1, count)
 
 
-def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    name = cfg["name"]
-    if name == "sgd":
-        momentum = cfg["momentum"]
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=cfg["lr"],
-            momentum=momentum,
-            weight_decay=cfg["weight_decay"],
-            nesterov=momentum > 0,
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            weight_decay=cfg["weight_decay"],
-        )
-    raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: sgd, adamw")
-
-
-def lr_multiplier(cfg: dict[str, Any], steps_per_epoch: int, total_steps: int) -> Callable:
-    """step -> factor on the base LR: linear warm-up, then cosine, step decay or constant."""
-    warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
-    name = cfg["name"]
-    if name not in ("cosine", "step", "constant"):
-        raise ConfigError(
-            f"lr_schedule.name: unknown schedule {name!r}; known: cosine, step, constant"
-        )
-    every = max(1, int(cfg["step_epochs"] * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if name == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if name == "step":
-            return cfg["gamma"] ** ((step - warmup) // every)
-        return 1.0
-
-    return factor
-
-
-def apply_mutation(
-    m: Mutation,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    loss_fn: Callable,
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> MutationRecord:
-    """Apply ``m`` through its op (dynarch/ops.py); an op no one registered is one line."""
-    try:
-        op = op_named(m.op)
-    except DynarchError as exc:
-        raise ConfigError(f"policy returned a mutation with {exc}") from None
-    return op.apply(m, model, optimizer, batch, loss_fn, reduce_sum)
-
-
 class NumericalError(DynarchError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """What stays fixed while a run trains: its config, processes, data and lengths."""
-
-    cfg: dict[str, Any]  # the resolved config (plain)
-    run_dir: Path
-    procs: distributed.Processes
-    device: torch.device
-    log: Callable[[str], None]
-    splits: DataSplits
-    train_loader: Any
-    test_loader: Any
-    example: torch.Tensor  # one training sample to trace with
-    initial_widths: dict[str, int]  # target -> width of its group at the start
-    params_before: int
-    macs_before: int
-    steps_per_epoch: int
-    total_steps: int
-    eval_every: int  # steps
-    checkpoint_every: int  # steps; 0: only after mutations and at the end
-    loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
-    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C / SIGTERM seen
-
-    @property
-    def trainer(self) -> dict[str, Any]:
-        return self.cfg["trainer"]
-
-    @property
-    def amp(self) -> bool:
-        """Mixed precision: on CUDA only."""
-        return bool(self.trainer["amp"]) and self.device.type == "cuda"
 
 
 def run(
@@ -200,7 +95,7 @@ def run(
         torch.set_num_threads(int(trainer["threads"]))
     torch.manual_seed(trainer["seed"])
     with distributed.lost_peers_in_one_line(procs):
-        setup, model, graph = _set_up(cfg, run_dir, procs, device, log)
+        setup, model, graph = set_up(cfg, run_dir, procs, device, log)
         with setup.stop:
             state = _starting_state(setup, policy, model, graph, resume)
             if trainer.get("tensorboard") and procs.is_main:
@@ -219,97 +114,6 @@ def run(
         state.step,
         time.perf_counter() - start,
     )
-
-
-def _set_up(
-    cfg: dict[str, Any],
-    run_dir: Path,
-    procs: distributed.Processes,
-    device: torch.device,
-    log: Callable[[str], None],
-) -> tuple[RunSetup, nn.Module, ArchGraph]:
-    """Data, loaders, the model as built and its graph, the run's lengths; config errors
-    first, before anything is written."""
-    trainer, data_cfg = cfg["trainer"], cfg["data"]
-    splits = load_data(
-        data_cfg["name"],
-        path=data_cfg["path"],
-        root=data_cfg["root"],
-        download=data_cfg["download"],
-        seed=trainer["seed"],
-        test_fraction=data_cfg["test_fraction"],
-    )
-    train_loader, test_loader = _loaders(splits, trainer, procs, data_cfg.get("num_workers", 0))
-    model = _build_model(cfg["model"], splits, device, run_dir)
-    # one training sample to trace with; not from the loader, whose order it would disturb
-    example = default_collate([splits.train[0]])[0].to(device)
-    graph = ArchGraph.from_module(model, example)
-    steps_per_epoch = len(train_loader)
-    total_steps = trainer["steps"] or trainer["epochs"] * steps_per_epoch
-    if not 1 <= total_steps <= MAX_STEPS:
-        raise ConfigError(
-            f"trainer.epochs/steps give {total_steps} steps; need 1 to {MAX_STEPS:.0e}"
-        )
-    if trainer["on_nonfinite"] not in ("stop", "skip"):
-        raise ConfigError(
-            f"trainer.on_nonfinite must be stop or skip, got {trainer['on_nonfinite']!r}"
-        )
-    setup = RunSetup(
-        cfg=cfg,
-        run_dir=run_dir,
-        procs=procs,
-        device=device,
-        log=log,
-        splits=splits,
-        train_loader=train_loader,
-        test_loader=test_loader,
-        example=example,
-        initial_widths={t: graph.group_of(t).width for t in graph.targets()},
-        params_before=count_params(model),
-        macs_before=count_macs(model),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
-        checkpoint_every=int(round(trainer["checkpoint_every_epochs"] * steps_per_epoch)),
-        stop=StopRequest(last_word=procs.world > 1),
-    )
-    return setup, model, graph
-
-
-def _loaders(
-    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes, workers: int
-) -> tuple[Any, Any]:
-    """This process's training loader (its share of every global batch) and the test loader."""
-    batch_size = trainer["batch_size"]
-    if batch_size < 1:
-        raise ConfigError(f"trainer.batch_size must be positive, got {batch_size}")
-    if batch_size % procs.world:
-        raise ConfigError(
-            f"trainer.batch_size {batch_size} must be divisible by the {procs.world} "
-            "processes (it is the global batch)"
-        )
-    if workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {workers}")
-    return make_loaders(
-        splits,
-        batch_size,
-        seed=trainer["seed"],
-        num_workers=workers,
-        rank=procs.rank,
-        world=procs.world,
-    )
-
-
-def _build_model(
-    model_cfg: dict[str, Any], splits: DataSplits, device: torch.device, run_dir: Path
-) -> nn.Module:
-    """The configured model for the data's classes, channels and image size, on ``device``;
-    no code from ``run_dir`` is imported (a resumed run's config comes from it)."""
-    data = (splits.num_classes, splits.in_channels, splits.image_size)
-    try:
-        return build_from_config(model_cfg, *data, code_outside=run_dir).to(device)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model: {first_line(exc)}") from None
 
 
 def _starting_state(
@@ -512,7 +316,7 @@ def _apply_and_record(
     """Apply ``m`` with the same optimizer (its state carried), then record it: the history's
     event and architecture version, the checkpoint's list to replay, one printed line."""
     step, macs_before = state.step, state.macs
-    record = _apply_everywhere(setup.procs, m, state.model, state.optimizer, batch, setup.loss_fn)
+    record = apply_everywhere(setup.procs, m, state.model, state.optimizer, batch, setup.loss_fn)
     state.graph = ArchGraph.from_module(state.model)
     state.measure()
     event = state.history.log_mutation(
@@ -639,34 +443,11 @@ def _check_processes_agree(setup: RunSetup, model: nn.Module) -> None:
         setup.log(f"parameters identical on all {procs.world} processes")
 
 
-def _apply_everywhere(
-    procs: distributed.Processes,
-    m: Mutation,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    loss_fn: Callable,
-) -> MutationRecord:
-    """Apply ``m`` identically in every process: GradMax statistics are summed over all
-    processes' batches; the channels a prune removes are chosen by rank 0 alone (an importance
-    like Taylor depends on the local batch) and sent to the others."""
-    if procs.world == 1:
-        return apply_mutation(m, model, optimizer, batch, loss_fn)
-    if op_named(m.op).chosen_on_rank0 and m.idxs is None:
-        record = apply_mutation(m, model, optimizer, batch, loss_fn) if procs.is_main else None
-        idxs = procs.broadcast(record.indices if record is not None else None)
-        if record is None:
-            same = Mutation(**{**m.__dict__, "k": None, "idxs": idxs})
-            record = apply_mutation(same, model, optimizer, batch, loss_fn)
-        return record
-    return apply_mutation(m, model, optimizer, batch, loss_fn, reduce_sum=procs.sum)
-
-
 def _policy_view(
     setup: RunSetup, state: RunState, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> TrainState:
     """The run as the policy sees it at the state's step, before that step's update."""
-    return _state(
+    return train_state(
         state.step,
         setup.steps_per_epoch,
         setup.total_steps,
@@ -684,38 +465,6 @@ def _policy_view(
 
 def _silent(_message: str) -> None:
     pass
-
-
-def _state(
-    step,
-    steps_per_epoch,
-    total_steps,
-    model,
-    batch,
-    loss_fn,
-    metrics,
-    train_losses,
-    initial_widths,
-    params,
-    graph,
-    initial_sizes=None,
-) -> TrainState:
-    """A :class:`TrainState` from its parts (positional: ``benchmarks/perf.py`` times it)."""
-    return TrainState(
-        step=step,
-        epoch=step / steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        model=model,
-        batch=batch,
-        loss_fn=loss_fn,
-        metrics=metrics,
-        train_losses=train_losses,
-        initial_widths=initial_widths,
-        params=params,
-        initial_sizes=initial_sizes or {},
-        _graph=graph,
-    )
 
 
 def _progress(total: int, enabled: bool):

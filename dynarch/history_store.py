@@ -248,6 +248,14 @@ class HistoryWriter:
         self.close()
 
 
+class NoHistory:
+    """The history of processes other than rank 0, and of a run before its history is opened:
+    every call does nothing (``marks`` is empty)."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: {} if name == "marks" else None
+
+
 class HistoryReader:
     """Read-only view of a history, usable while a writer is still appending.
 

@@ -19,18 +19,10 @@ from torch import nn
 
 from dynarch import checkpoint
 from dynarch.graph import ArchGraph
-from dynarch.history_store import HistoryWriter
+from dynarch.history_store import HistoryWriter, NoHistory
 from dynarch.models import count_params
 from dynarch.policies.base import Policy, count_macs
 from dynarch.run_logs import TensorBoardLog
-
-
-class NoHistory:
-    """The history of processes other than rank 0, and of a run before its history is opened:
-    every call does nothing (``marks`` is empty)."""
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        return lambda *args, **kwargs: {} if name == "marks" else None
 
 
 class RandomGenerators:

@@ -15,14 +15,15 @@ from torch import nn
 
 import dynarch
 from dynarch.checkpoint import replay
-from dynarch.controller import _state, apply_mutation
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph
 from dynarch.models import resnet_small, vgg_small
 from dynarch.ops import op_named
 from dynarch.policies import Deepen, EveryNSteps, PolicyError, Schedule, TrainState
+from dynarch.policies.base import train_state as _state
 from dynarch.policies.schedule import ScheduleError
 from dynarch.probes import buffers_restored
+from dynarch.session import apply_mutation
 from dynarch.surgery.deepen import deepen
 
 MODELS = {

@@ -10,7 +10,6 @@ import torch
 from test_prune import zero_inputs
 
 import dynarch
-from dynarch.controller import apply_mutation
 from dynarch.models import count_params, vgg_small
 from dynarch.policies import (
     AllTargets,
@@ -31,6 +30,7 @@ from dynarch.policies import (
     count_macs,
 )
 from dynarch.policies.select import select
+from dynarch.session import apply_mutation
 
 
 def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):

@@ -138,6 +138,39 @@ class TrainState:
         return captured
 
 
+def train_state(
+    step,
+    steps_per_epoch,
+    total_steps,
+    model,
+    batch,
+    loss_fn,
+    metrics,
+    train_losses,
+    initial_widths,
+    params,
+    graph,
+    initial_sizes=None,
+) -> TrainState:
+    """A :class:`TrainState` from its parts, positional (the loops build one a step;
+    ``benchmarks/perf.py`` times it)."""
+    return TrainState(
+        step=step,
+        epoch=step / steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        model=model,
+        batch=batch,
+        loss_fn=loss_fn,
+        metrics=metrics,
+        train_losses=train_losses,
+        initial_widths=initial_widths,
+        params=params,
+        initial_sizes=initial_sizes or {},
+        _graph=graph,
+    )
+
+
 def count_macs(model: nn.Module) -> int:
     """MACs per sample (Torch-Pruning's counter, on the remembered example inputs)."""
     with modes_restored(model):

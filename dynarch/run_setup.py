@@ -1,0 +1,111 @@
+"""What stays fixed while ``dynarch run`` trains: the config, the processes, the data, the
+model as built and traced, and the run's lengths (:class:`RunSetup`, made by :func:`set_up`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from dynarch import distributed
+from dynarch.config import MAX_STEPS
+from dynarch.data import DataSplits, load_data
+from dynarch.errors import ConfigError
+from dynarch.factories import build_model, loaders
+from dynarch.graph import ArchGraph
+from dynarch.models import count_params
+from dynarch.policies.base import count_macs
+from dynarch.stopping import StopRequest
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What stays fixed while a run trains: its config, processes, data and lengths."""
+
+    cfg: dict[str, Any]  # the resolved config (plain)
+    run_dir: Path
+    procs: distributed.Processes
+    device: torch.device
+    log: Callable[[str], None]
+    splits: DataSplits
+    train_loader: Any
+    test_loader: Any
+    example: torch.Tensor  # one training sample to trace with
+    initial_widths: dict[str, int]  # target -> width of its group at the start
+    params_before: int
+    macs_before: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int  # steps
+    checkpoint_every: int  # steps; 0: only after mutations and at the end
+    loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C / SIGTERM seen
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        return self.cfg["trainer"]
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision: on CUDA only."""
+        return bool(self.trainer["amp"]) and self.device.type == "cuda"
+
+
+def set_up(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    procs: distributed.Processes,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[RunSetup, nn.Module, ArchGraph]:
+    """Data, loaders, the model as built and its graph, the run's lengths; config errors
+    first, before anything is written."""
+    trainer, data_cfg = cfg["trainer"], cfg["data"]
+    splits = load_data(
+        data_cfg["name"],
+        path=data_cfg["path"],
+        root=data_cfg["root"],
+        download=data_cfg["download"],
+        seed=trainer["seed"],
+        test_fraction=data_cfg["test_fraction"],
+    )
+    train_loader, test_loader = loaders(splits, trainer, procs, data_cfg.get("num_workers", 0))
+    model = build_model(cfg["model"], splits, device, run_dir)
+    # one training sample to trace with; not from the loader, whose order it would disturb
+    example = default_collate([splits.train[0]])[0].to(device)
+    graph = ArchGraph.from_module(model, example)
+    steps_per_epoch = len(train_loader)
+    total_steps = trainer["steps"] or trainer["epochs"] * steps_per_epoch
+    if not 1 <= total_steps <= MAX_STEPS:
+        raise ConfigError(
+            f"trainer.epochs/steps give {total_steps} steps; need 1 to {MAX_STEPS:.0e}"
+        )
+    if trainer["on_nonfinite"] not in ("stop", "skip"):
+        raise ConfigError(
+            f"trainer.on_nonfinite must be stop or skip, got {trainer['on_nonfinite']!r}"
+        )
+    setup = RunSetup(
+        cfg=cfg,
+        run_dir=run_dir,
+        procs=procs,
+        device=device,
+        log=log,
+        splits=splits,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        example=example,
+        initial_widths={t: graph.group_of(t).width for t in graph.targets()},
+        params_before=count_params(model),
+        macs_before=count_macs(model),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
+        checkpoint_every=int(round(trainer["checkpoint_every_epochs"] * steps_per_epoch)),
+        stop=StopRequest(last_word=procs.world > 1),
+    )
+    return setup, model, graph

@@ -1,0 +1,384 @@
+"""A session: what makes any training loop a growing one.
+
+::
+
+    session = dynarch.Session(model, optimizer, policy="grow_then_prune", total_steps=N,
+                              loss_fn=F.cross_entropy, run_dir="runs/mine")
+    for x, y in batches:
+        session.mutate(x, y)   # the policy may grow / prune / deepen, optimizer state carried
+        loss = F.cross_entropy(session.net(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        session.log(loss=loss)
+    session.close()
+
+The session owns what the loop would otherwise write by hand: it counts the steps, shows the
+policy the run (:class:`~dynarch.policies.base.TrainState`), applies its mutations through their
+ops (dynarch/ops.py) with the loop's own optimizer, records each one and every architecture
+version in the history (``run_dir/history.db``, which ``dynarch query`` reads), and saves what a
+continuation needs (:meth:`Session.state_dict`; in a run dir, ``checkpoint.pt`` after each
+mutation's step and at :meth:`Session.close`). ``dynarch run`` is one such loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn import functional as F
+
+import dynarch.checkpoint as checkpoint
+import dynarch.distributed as distributed
+import dynarch.session_state as session_state
+from dynarch.config import MAX_STEPS
+from dynarch.errors import ConfigError, DynarchError, first_line
+from dynarch.graph import ArchGraph
+from dynarch.history_store import HistoryWriter, NoHistory
+from dynarch.models import count_params
+from dynarch.ops import op_named
+from dynarch.policies.base import Mutation, TrainState, count_macs, train_state
+from dynarch.presets import build_policy
+from dynarch.run_dir import CHECKPOINT, holds_run, owned
+from dynarch.scalars import as_number, as_positive
+from dynarch.surgery.record import MutationRecord
+
+SessionError = session_state.SessionError
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Session:
+    """Policies, history and resume for a training loop: call :meth:`mutate` before each
+    update and :meth:`log` after it; train through :attr:`net` (the model, or ``wrap(model)``
+    such as DDP, built anew after every mutation)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        policy: Any = "grow_then_prune",
+        total_steps: int | None = None,
+        loss_fn: Callable = F.cross_entropy,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        *,
+        steps_per_epoch: int | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        continued: dict[str, Any] | None = None,
+    ) -> None:
+        self.policy, self.policy_config = build_policy(policy)
+        self.total_steps = _steps("total_steps", total_steps)
+        self.steps_per_epoch = _steps("steps_per_epoch", steps_per_epoch or self.total_steps)
+        session_state.check_owned(model, optimizer)
+        self.model, self.optimizer, self.loss_fn, self.wrap = model, optimizer, loss_fn, wrap
+        self.procs = _processes()
+        self.step = 0
+        self.mutations: list[dict[str, Any]] = []  # what a continuation replays, in order
+        self.events: list[dict[str, Any]] = []  # every mutation's record, with its step
+        self.metrics: list[dict[str, Any]] = []  # test rows (session.log(test_...=...))
+        self.train_losses: list[float] = []
+        self.graph: ArchGraph | None = None  # traced on the first batch
+        self.example: torch.Tensor | None = None  # one input sample, to trace and replay with
+        self.initial_widths: dict[str, int] = {}
+        self.initial_sizes: dict[str, int] = {}
+        self.params = count_params(model)
+        self.macs = 0
+        self.net = self._wrapped()
+        self.history: HistoryWriter | NoHistory = NoHistory()
+        self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
+        self.closed, self._save_due, self._failed = False, False, False
+        self._held = ExitStack()
+        if self.run_dir is not None:
+            try:
+                self._open_run_dir(resume, continued)
+            except BaseException:
+                self._held.close()
+                raise
+        elif continued is not None:
+            session_state.continue_from(self, continued)
+        elif resume:
+            raise SessionError("resume=True needs the run_dir to resume from")
+
+    # -- the loop's two calls -------------------------------------------------------------------
+    def mutate(self, x: torch.Tensor, y: torch.Tensor) -> list[MutationRecord]:
+        """Before this step's update: ask the policy and apply what it decides, in place, with
+        the optimizer's state carried; returns the records (most steps: none). Counts the step."""
+        self._check_open("mutate")
+        if self._save_due:  # the last mutation's step has trained: what a resume starts from
+            self.save()
+        if self.graph is None:
+            self._start(x, y)
+        view = self._view((x, y))
+        wanted = self.policy.decide(view) if self.procs.is_main else None
+        decided = self.procs.broadcast(wanted)
+        if view._graph is not None:  # traced by the policy
+            self.graph = view._graph
+        records = [self._apply_and_record(m, (x, y)) for m in decided]
+        if records:
+            self.net = self._wrapped()
+            self._save_due = self.run_dir is not None
+        self.step += 1
+        return records
+
+    def log(self, **metrics: Any) -> None:
+        """Metrics of the step just taken: ``loss`` (what signal policies read) and any other
+        training number; names starting ``test_`` are an evaluation row (``test_accuracy``,
+        ``test_loss``: the accuracy and loss policies and ``dynarch query`` read)."""
+        self._check_open("log")
+        values = {name: _number(name, value) for name, value in metrics.items()}
+        test = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
+        train = {k: v for k, v in values.items() if not k.startswith("test_")}
+        epoch = self.step / self.steps_per_epoch
+        if "loss" in train:
+            self.train_losses.append(train["loss"])
+        if train:
+            lr = self.optimizer.param_groups[0]["lr"]
+            row = {"lr": lr, **train, "params": self.params}
+            self.history.log_metrics(self.step, epoch, "train", row)
+        if test:
+            row = {**test, "params": self.params, "macs": self.macs}
+            self.metrics.append({"step": self.step, "epoch": epoch, **row})
+            self.history.log_metrics(self.step, epoch, "eval", row)
+
+    def close(self) -> None:
+        """End the run: the last checkpoint, the history marked completed (or interrupted
+        before ``total_steps``), the final architecture; the run dir released. Again: nothing."""
+        if self.closed:
+            return
+        try:
+            if self.run_dir is not None and not self._failed:
+                self.save()
+                self._finish_run_dir()
+        finally:
+            self.closed = True
+            self.history.close()
+            self._held.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: Any) -> None:
+        if exc is not None and not self.closed:
+            self._fail(exc)
+        self.close()
+
+    # -- continuing --------------------------------------------------------------------------
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """All a continuation needs (tensors and plain values: a weights-only load reads it):
+        the mutations, the policy's state, model, optimizer, the step, the random generators.
+        Without ``weights``: all but the model and optimizer (for a loop that saves those)."""
+        return session_state.collect(self, weights)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` on a fresh session, its model and optimizer built as at the
+        start: the mutations are replayed for the shapes, then the values are loaded. A state
+        that does not fit is one line, and the model and optimizer stay as they were."""
+        self._check_open("load_state_dict")
+        if self.step or self.mutations:
+            raise SessionError(
+                f"load_state_dict needs a fresh session; this one is at step {self.step}"
+            )
+        session_state.restore(self, state)
+
+    def save(self) -> None:
+        """Write ``run_dir/checkpoint.pt`` (atomically) with :meth:`state_dict`."""
+        self._save_due = False
+        if self.run_dir is not None and self.procs.is_main:
+            checkpoint.save(self.run_dir / CHECKPOINT, self.state_dict())
+
+    # -- inside ------------------------------------------------------------------------------
+    def _start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Trace the model on the first sample; the sizes and widths policies measure from;
+        the policy checks its targets and budgets against the model (a schedule naming a layer
+        the model lacks is one line now, not at its step)."""
+        self.example = x[:1].detach()
+        self.graph = ArchGraph.from_module(self.model, self.example)
+        self.initial_widths = {t: self.graph.group_of(t).width for t in self.graph.targets()}
+        self.params, self.macs = count_params(self.model), count_macs(self.model)
+        self.initial_sizes = {"params": self.params, "macs": self.macs}
+        check = getattr(self.policy, "check", None)
+        if check is not None and self.step == 0:
+            check(self._view((x, y)))
+        self.history.log_architecture(self.step, self.graph.to_node_link())
+
+    def _view(self, batch: Batch) -> TrainState:
+        return train_state(
+            self.step,
+            self.steps_per_epoch,
+            self.total_steps,
+            self.model,
+            batch,
+            self.loss_fn,
+            self.metrics,
+            self.train_losses,
+            self.initial_widths,
+            self.params,
+            self.graph,
+            self.initial_sizes,
+        )
+
+    def _apply_and_record(self, m: Mutation, batch: Batch) -> MutationRecord:
+        """Apply ``m`` with the loop's optimizer, then record it: the history's event and
+        architecture version, the entry a continuation replays, one printed line."""
+        macs_before, step = self.macs, self.step
+        record = apply_everywhere(self.procs, m, self.model, self.optimizer, batch, self.loss_fn)
+        self.graph = ArchGraph.from_module(self.model)
+        self.params, self.macs = count_params(self.model), count_macs(self.model)
+        done = record.to_dict()
+        epoch = step / self.steps_per_epoch
+        event = self.history.log_mutation(
+            step, epoch, done, reason=m.reason, macs_before=macs_before, macs_after=self.macs
+        )
+        self.history.log_architecture(step, self.graph.to_node_link(), event_id=event)
+        op = op_named(m.op)
+        self.mutations.append(op.replay_entry(record))
+        self.events.append({"step": step, "reason": m.reason, **done})
+        return record
+
+    def _wrapped(self) -> nn.Module:
+        if self.wrap is not None:
+            return self.wrap(self.model)
+        return self.procs.wrap(self.model, _device_of(self.model))
+
+    def _open_run_dir(self, resume: bool, continued: dict[str, Any] | None) -> None:
+        """Hold the run dir; a new run's history, or a resumed one's checkpoint and history
+        without what was logged after it."""
+        run_dir = self.run_dir
+        assert run_dir is not None
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SessionError(f"run_dir {run_dir} is a file, not a directory")
+        if not self.procs.is_main:
+            return
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SessionError(f"run_dir {run_dir} cannot be created ({exc.strerror})") from None
+        self._held.enter_context(owned(run_dir))
+        if resume or continued is not None:
+            self._resume(run_dir, continued)
+        elif holds_run(run_dir):
+            raise SessionError(
+                f"{run_dir} holds a run already; continue it with resume=True "
+                "(or choose another run_dir)"
+            )
+        else:
+            self.history = HistoryWriter(run_dir / "history.db")
+            self.history.write_run(self._config(), command=" ".join(sys.argv))
+
+    def _resume(self, run_dir: Path, continued: dict[str, Any] | None) -> None:
+        """Continue the run dir's run: from its checkpoint, or from ``continued``, a state
+        whose shapes and values the model and optimizer hold already (Lightning's resume)."""
+        if continued is not None:
+            saved = continued
+            session_state.continue_from(self, saved)
+        else:
+            saved = checkpoint.load(run_dir / CHECKPOINT, required=session_state.KEYS)
+            self.load_state_dict(saved)
+        self.history = HistoryWriter(run_dir / "history.db")
+        self.history.rewind(saved["history"], self._config())
+
+    def _config(self) -> dict[str, Any]:
+        """What the history's run row records of a session's run."""
+        return {
+            "session": {
+                "policy": self.policy_config or type(self.policy).__name__,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "model": type(self.model).__name__,
+                "optimizer": type(self.optimizer).__name__,
+            }
+        }
+
+    def _finish_run_dir(self) -> None:
+        if self.step >= self.total_steps:
+            self.history.finish("completed")
+        else:
+            self.history.finish(
+                "interrupted",
+                f"closed at step {self.step} of {self.total_steps}; continue with resume=True",
+            )
+        if self.graph is not None and self.procs.is_main:
+            text = self.graph.to_json() + "\n"
+            (self.run_dir / "architecture.json").write_text(text, encoding="utf-8")
+
+    def _fail(self, exc: BaseException) -> None:
+        try:
+            self.history.finish("failed", first_line(exc))
+        except Exception:  # a full disk must not hide the error that ended the loop
+            pass
+        self._failed = True  # the last checkpoint stays the last good state
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise SessionError(f"{what} after close: the session has ended (start a new one)")
+
+
+def apply_mutation(
+    m: Mutation,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    loss_fn: Callable,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> MutationRecord:
+    """Apply ``m`` through its op (dynarch/ops.py); an op no one registered is one line."""
+    try:
+        op = op_named(m.op)
+    except DynarchError as exc:
+        raise ConfigError(f"policy returned a mutation with {exc}") from None
+    return op.apply(m, model, optimizer, batch, loss_fn, reduce_sum)
+
+
+def apply_everywhere(
+    procs: distributed.Processes,
+    m: Mutation,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    loss_fn: Callable,
+) -> MutationRecord:
+    """Apply ``m`` identically in every process: GradMax statistics are summed over all
+    processes' batches; the channels a prune removes are chosen by rank 0 alone (an importance
+    like Taylor depends on the local batch) and sent to the others."""
+    if procs.world == 1:
+        return apply_mutation(m, model, optimizer, batch, loss_fn)
+    if op_named(m.op).chosen_on_rank0 and m.idxs is None:
+        record = apply_mutation(m, model, optimizer, batch, loss_fn) if procs.is_main else None
+        idxs = procs.broadcast(record.indices if record is not None else None)
+        if record is None:
+            same = Mutation(**{**m.__dict__, "k": None, "idxs": idxs})
+            record = apply_mutation(same, model, optimizer, batch, loss_fn)
+        return record
+    return apply_mutation(m, model, optimizer, batch, loss_fn, reduce_sum=procs.sum)
+
+
+def _processes() -> distributed.Processes:
+    """This process's place in a process group the loop started (torchrun), else alone."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return distributed.Processes(rank=torch_dist.get_rank(), world=torch_dist.get_world_size())
+    return distributed.Processes()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _steps(name: str, value: Any) -> int:
+    n = as_positive(value)
+    if n is None or n > MAX_STEPS:
+        raise SessionError(f"{name} must be a positive number of steps, got {value!r}")
+    return n
+
+
+def _number(name: str, value: Any) -> float:
+    """A logged metric as a float (a 0-d tensor too: read on the host here)."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        return float(value.detach())
+    number = as_number(value)
+    if number is None:
+        raise SessionError(f"log: {name} must be a number or a one-element tensor, got {value!r}")
+    return number
