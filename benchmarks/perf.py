@@ -306,52 +306,56 @@ def future_schedule() -> Schedule:
     )
 
 
-def run_p1(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for label in args.models:
-        builder, channels, size = MODELS[label]
-        x, y = batch(args.batch, channels, size)
-        plan = MUTATIONS["resnet" if "resnet" in label else "vgg"]
-        model, opt, done = grown_and_pruned(builder, x, y, plan)
-        static = fresh_static(model, builder)
-        model.train(), static.train()
-        with torch.no_grad():
-            same = float((model.eval()(x[:8]) - static.eval()(x[:8])).abs().max())
-        model.train(), static.train()
-        static_opt = torch.optim.SGD(static.parameters(), lr=0.01, momentum=0.9)
-        twin = fresh_static(model, builder).train()  # A/A control: how far "equal" scatters
-        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
-        times = interleaved(
-            {
-                "dynarch": train_step(model, opt, x, y),
-                "static": train_step(static, static_opt, x, y),
-                "static twin": train_step(twin, twin_opt, x, y),
-            },
-            args.repeats,
-            args.warmup,
-        )
-        med, lo, hi = ratio_stats(times["dynarch"], times["static"])
-        over: dict[str, dict[str, float]] = {}
-        for pname, policy in (("Static", Static()), ("Schedule(8 pending)", future_schedule())):
-            over[pname] = controller_overhead(model, x, y, policy)
-        results[label] = {
-            "mutations": done,
-            "params": count_params(model),
-            "identical_outputs": same,
-            "leftovers": leftovers(model),
-            "dynarch_s": statistics.median(times["dynarch"]),
-            "static_s": statistics.median(times["static"]),
-            "ratio": med,
-            "ratio_iqr": (lo, hi),
-            "ratio_ci": median_ci(times["dynarch"], times["static"]),
-            "twin_ratio": ratio_stats(times["static twin"], times["static"])[0],
-            "twin_ci": median_ci(times["static twin"], times["static"]),
-            "ratio_of_medians": statistics.median(times["dynarch"])
-            / statistics.median(times["static"]),
-            "overhead_us": over,
-            "times": times,
-        }
-        print(f"{label}: ratio {med:.3f} ({lo:.3f}-{hi:.3f})", flush=True)
+def _p1_case(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One model of P1: grown and pruned against its static twin, interleaved."""
+    builder, channels, size = MODELS[label]
+    x, y = batch(args.batch, channels, size)
+    plan = MUTATIONS["resnet" if "resnet" in label else "vgg"]
+    model, opt, done = grown_and_pruned(builder, x, y, plan)
+    static = fresh_static(model, builder)
+    model.train(), static.train()
+    with torch.no_grad():
+        same = float((model.eval()(x[:8]) - static.eval()(x[:8])).abs().max())
+    model.train(), static.train()
+    static_opt = torch.optim.SGD(static.parameters(), lr=0.01, momentum=0.9)
+    twin = fresh_static(model, builder).train()  # A/A control: how far "equal" scatters
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
+    times = interleaved(
+        {
+            "dynarch": train_step(model, opt, x, y),
+            "static": train_step(static, static_opt, x, y),
+            "static twin": train_step(twin, twin_opt, x, y),
+        },
+        args.repeats,
+        args.warmup,
+    )
+    med, lo, hi = ratio_stats(times["dynarch"], times["static"])
+    over: dict[str, dict[str, float]] = {}
+    for pname, policy in (("Static", Static()), ("Schedule(8 pending)", future_schedule())):
+        over[pname] = controller_overhead(model, x, y, policy)
+    result = {
+        "mutations": done,
+        "params": count_params(model),
+        "identical_outputs": same,
+        "leftovers": leftovers(model),
+        "dynarch_s": statistics.median(times["dynarch"]),
+        "static_s": statistics.median(times["static"]),
+        "ratio": med,
+        "ratio_iqr": (lo, hi),
+        "ratio_ci": median_ci(times["dynarch"], times["static"]),
+        "twin_ratio": ratio_stats(times["static twin"], times["static"])[0],
+        "twin_ci": median_ci(times["static twin"], times["static"]),
+        "ratio_of_medians": statistics.median(times["dynarch"])
+        / statistics.median(times["static"]),
+        "overhead_us": over,
+        "times": times,
+    }
+    print(f"{label}: ratio {med:.3f} ({lo:.3f}-{hi:.3f})", flush=True)
+    return result
+
+
+def _print_p1(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """P1's tables."""
     print(f"\n{environment()}; batch {args.batch}, median of {args.repeats} interleaved rounds\n")
     print(
         "| model (mutations) | params | dynarch step ms | static step ms | **dynarch / static** "
@@ -392,6 +396,11 @@ def run_p1(args: argparse.Namespace) -> dict[str, Any]:
             + "; ".join(r["mutations"])
             + f"; max output difference: {r['identical_outputs']:.1e}"
         )
+
+
+def run_p1(args: argparse.Namespace) -> dict[str, Any]:
+    results = {label: _p1_case(label, args) for label in args.models}
+    _print_p1(results, args)
     return results
 
 
@@ -426,17 +435,20 @@ def tp_pruner(
     )
 
 
-def p3_case(mname: str, target: str, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
-    """dynarch.prune vs Torch-Pruning (pruner and by hand) on one layer, interleaved."""
-    builder, channels, size = MODELS[mname]
-    torch.manual_seed(0)
-    base = builder()
-    base_opt = with_momentum(base)
-    x1 = batch(1, channels, size)[0]
+def _p3_timers(
+    base: nn.Module,
+    base_opt: torch.optim.Optimizer,
+    x1: torch.Tensor,
+    target: str,
+    k: int,
+    ratio: float,
+    kept: dict[str, torch.Tensor],
+    parts_all: list[dict[str, float]],
+    tp_build: list[float],
+) -> dict[str, Callable[[], float]]:
+    """P3's three ways to prune ``k`` channels of ``target``, each timed on a fresh copy;
+    what each kept goes to ``kept``, dynarch's parts and TP's build times to the lists."""
     width = base.get_submodule(target).out_channels
-    k = width - int(width * (1 - ratio))
-    kept: dict[str, torch.Tensor] = {}
-    parts_all: list[dict[str, float]] = []
 
     def dyn() -> float:
         model, opt = copy.deepcopy((base, base_opt))
@@ -451,8 +463,6 @@ def p3_case(mname: str, target: str, ratio: float, args: argparse.Namespace) -> 
         parts_all.append(dict(parts))
         kept["dynarch"] = model.get_submodule(target).weight.detach()
         return total
-
-    tp_build: list[float] = []
 
     def tpp() -> float:
         model = copy.deepcopy(base)
@@ -480,7 +490,23 @@ def p3_case(mname: str, target: str, ratio: float, args: argparse.Namespace) -> 
         kept["by hand"] = module.weight.detach()
         return end - start
 
-    times = interleaved({"dynarch": dyn, "tp": tpp, "by hand": by_hand}, args.repeats, args.warmup)
+    return {"dynarch": dyn, "tp": tpp, "by hand": by_hand}
+
+
+def p3_case(mname: str, target: str, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
+    """dynarch.prune vs Torch-Pruning (pruner and by hand) on one layer, interleaved."""
+    builder, channels, size = MODELS[mname]
+    torch.manual_seed(0)
+    base = builder()
+    base_opt = with_momentum(base)
+    x1 = batch(1, channels, size)[0]
+    width = base.get_submodule(target).out_channels
+    k = width - int(width * (1 - ratio))
+    kept: dict[str, torch.Tensor] = {}
+    parts_all: list[dict[str, float]] = []
+    tp_build: list[float] = []
+    timers = _p3_timers(base, base_opt, x1, target, k, ratio, kept, parts_all, tp_build)
+    times = interleaved(timers, args.repeats, args.warmup)
     # does the optimizer still hold the parameters after Torch-Pruning's pruner?
     model, opt = copy.deepcopy((base, base_opt))
     tp_pruner(model, x1, target, ratio).step()

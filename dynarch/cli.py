@@ -188,7 +188,8 @@ class _Job:
             if disagreement is not None and self.main:
                 _LOG.warning(f"{disagreement}: the run goes on with its own (history.db), "
                              "written back to config.yaml")  # fmt: skip
-            plain = _with_length(self.before["config"], longer)
+            saved = _with_schema(self.before["config"], self.run_dir / "history.db")
+            plain = _with_length(saved, longer)
         else:
             plain = self._new_run(cfg)
         policy = instantiate_policy(OmegaConf.create(plain["policy"]))
@@ -263,10 +264,21 @@ def _saved_config(path: Path) -> dict[str, Any]:
     """A run dir's config.yaml, checked against the config schema (one line if it does not
     fit): the config a run started over runs with."""
     try:
-        loaded = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-        plain = OmegaConf.to_container(loaded, resolve=True, throw_on_missing=True)
+        loaded = OmegaConf.load(path)
     except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"{path}: not a dynarch run config ({_one_line(exc)})") from None
+    return _with_schema(loaded, path)
+
+
+def _with_schema(config: Any, source: Path) -> dict[str, Any]:
+    """``config`` merged with the config schema, resolved and checked: every run (new,
+    resumed, started over, extended) reads the same keys, a run from before a key was added
+    its default (one line naming ``source`` if it does not fit)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), config)
+        plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except (ValueError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{source}: not a dynarch run config ({_one_line(exc)})") from None
     assert isinstance(plain, dict)
     check_values(plain)
     return plain

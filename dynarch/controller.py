@@ -1,13 +1,11 @@
-"""The controller: a plain PyTorch training loop in which a policy changes the architecture.
+"""``dynarch run``'s loop: data, a :class:`~dynarch.session.Session`, evaluation, checkpoints.
 
-:func:`run` sets up what stays fixed (:class:`RunSetup`: data, lengths, processes), starts a
-:class:`~dynarch.run_state.RunState` (new, or from the checkpoint) and repeats one step:
-mutate (build the :class:`TrainState`, cheap with its heavy parts lazy, ask the policy, apply
-its mutations through their ops in dynarch/ops.py (:func:`dynarch.grow`, :func:`dynarch.prune`,
-:func:`dynarch.deepen` or a user's) with the *same* optimizer, state carried, and record each
-in the run history), update (forward, backward, optimizer and LR steps), then evaluate and
-checkpoint when due. The LR schedule is a multiplier on
-``param_groups``' lr, so it continues across mutations.
+:func:`run` sets up what stays fixed (:class:`~dynarch.run_setup.RunSetup`: data, model,
+lengths, processes), starts a :class:`~dynarch.run_state.RunState` around a session (new, or
+from the checkpoint) and repeats one step: mutate (the session asks the policy and applies its
+mutations through the op table with the run's optimizer, recording each in the history), update
+(forward, backward, optimizer and LR steps), then evaluate and checkpoint when due. The LR
+schedule is a multiplier on ``param_groups``' lr, so it continues across mutations.
 """
 
 from __future__ import annotations
@@ -34,12 +32,13 @@ from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter
 from dynarch.models import count_params, model_name
 from dynarch.ops import op_named
-from dynarch.policies.base import Mutation, Policy, TrainState, train_state
+from dynarch.policies.base import Mutation, Policy
 from dynarch.run_logs import TensorBoardLog, write_metrics_csv
 from dynarch.run_setup import RunSetup, set_up
 from dynarch.run_state import RunState, read_checkpoint
-from dynarch.session import apply_everywhere
+from dynarch.session import Session
 from dynarch.stopping import RunInterrupted
+from dynarch.surgery.record import MutationRecord
 from dynarch.trained import save_version_weights, write_model_spec
 
 
@@ -98,7 +97,7 @@ def run(
         setup, model, graph = set_up(cfg, run_dir, procs, device, log)
         with setup.stop:
             state = _starting_state(setup, policy, model, graph, resume)
-            if trainer.get("tensorboard") and procs.is_main:
+            if trainer["tensorboard"] and procs.is_main:
                 state.board = TensorBoardLog(run_dir, state.step)
             shown = trainer["progress"] and procs.is_main
             progress = _progress(setup.total_steps - state.step, shown)
@@ -133,18 +132,25 @@ def _starting_state(
         checkpoint.restore_model(path, model, saved, setup.example)
         graph = ArchGraph.from_module(model, setup.example)
     cfg = setup.cfg
+    session = Session(
+        model,
+        make_optimizer(model, cfg["optimizer"]),
+        policy,
+        setup.total_steps,
+        setup.loss_fn,
+        steps_per_epoch=setup.steps_per_epoch,
+        processes=setup.procs,
+    )
+    initial = (setup.initial_widths, {"params": setup.params_before, "macs": setup.macs_before})
+    first = _first_batch(setup) if saved is None else None  # the policy checks a new run
+    session.begin(setup.example, first, graph, initial)
     state = RunState(
-        model=model,
-        optimizer=make_optimizer(model, cfg["optimizer"]),
+        session=session,
         schedule=lr_multiplier(cfg["lr_schedule"], setup.steps_per_epoch, setup.total_steps),
         scaler=torch.amp.GradScaler("cuda", enabled=setup.amp),
-        policy=policy,
         path=path,
-        graph=graph,
     )
-    if saved is None:
-        _check_policy(setup, state)
-    else:
+    if saved is not None:
         state.load_state_dict(saved)
     _open_history(setup, state, saved)
     setup.log(
@@ -155,16 +161,14 @@ def _starting_state(
     return state
 
 
-def _check_policy(setup: RunSetup, state: RunState) -> None:
-    """Let the policy validate its targets and budgets against the real model (on a batch of
-    the first training samples) before anything is written."""
-    check = getattr(state.policy, "check", None)
-    if check is None:
-        return
+def _first_batch(setup: RunSetup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first training samples (a batch of them), on the device: what the policy checks
+    its targets and budgets on before anything is written."""
     train = setup.splits.train
-    n = min(len(train), setup.trainer["batch_size"])
-    x0, y0 = default_collate([train[i] for i in range(n)])
-    check(_policy_view(setup, state, (x0.to(setup.device), y0.to(setup.device))))
+    x0, y0 = default_collate(
+        [train[i] for i in range(min(len(train), setup.trainer["batch_size"]))]
+    )
+    return x0.to(setup.device), y0.to(setup.device)
 
 
 def _open_history(setup: RunSetup, state: RunState, saved: dict[str, Any] | None) -> None:
@@ -252,7 +256,7 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
             if state.step >= setup.total_steps:
                 return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-            if setup.cfg["data"].get("augment"):  # .get: runs from before the key resume
+            if setup.cfg["data"]["augment"]:
                 x = augment(x, setup.trainer["seed"] + setup.procs.rank, state.step)
             if not _step(setup, state, progress, x, y):
                 return  # a stop was requested (Ctrl-C, SIGTERM)
@@ -288,50 +292,28 @@ def _step(
 def _mutate(
     setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor
 ) -> list[Mutation] | None:
-    """Ask the policy (rank 0; its decision is broadcast) and apply what it decided in every
-    process; the training module is wrapped anew after a change (DDP holds the old
-    parameters). None when rank 0 saw a stop request: it travels with the decision (one
-    broadcast a step), and the policy is not asked, so its state matches the checkpoint."""
-    procs = setup.procs
-    view = _policy_view(setup, state, (x, y))
-    stop = procs.is_main and setup.stop.requested()
-    wanted = state.policy.decide(view) if procs.is_main and not stop else None
-    decided, stop = procs.broadcast((wanted, stop))
-    if stop:
+    """The session asks the policy (rank 0; its decision is broadcast) and applies what it
+    decided in every process, rewrapping DDP after a change. None when rank 0 saw a stop
+    request: it travels with the decision (one broadcast a step), and the policy is not
+    asked, so its state matches the checkpoint."""
+    stop = setup.procs.is_main and setup.stop.requested()
+    decided = state.session.decide(x, y, stop)
+    if decided is None:
         return None
-    if view._graph is not None:  # traced by the policy
-        state.graph = view._graph
-    if decided and procs.is_main and setup.trainer.get("keep_versions"):
+    if decided and setup.procs.is_main and setup.trainer["keep_versions"]:
         save_version_weights(setup.run_dir, len(state.mutations), state.model)
-    for m in decided:
-        _apply_and_record(setup, state, m, (x, y))
-    if decided or state.net is None:
-        state.net = procs.wrap(state.model, setup.device)
+    step = state.step
+    for m, record in zip(decided, state.session.apply(decided, (x, y)), strict=True):
+        _report(setup, state, step, m, record)
     return decided
 
 
-def _apply_and_record(
-    setup: RunSetup, state: RunState, m: Mutation, batch: tuple[torch.Tensor, torch.Tensor]
+def _report(
+    setup: RunSetup, state: RunState, step: int, m: Mutation, record: MutationRecord
 ) -> None:
-    """Apply ``m`` with the same optimizer (its state carried), then record it: the history's
-    event and architecture version, the checkpoint's list to replay, one printed line."""
-    step, macs_before = state.step, state.macs
-    record = apply_everywhere(setup.procs, m, state.model, state.optimizer, batch, setup.loss_fn)
-    state.graph = ArchGraph.from_module(state.model)
-    state.measure()
-    event = state.history.log_mutation(
-        step,
-        step / setup.steps_per_epoch,
-        record.to_dict(),
-        reason=m.reason,
-        macs_before=macs_before,
-        macs_after=state.macs,
-    )
-    state.history.log_architecture(step, state.graph.to_node_link(), event_id=event)
-    op = op_named(m.op)
-    state.mutations.append(op.replay_entry(record))
+    """One printed line (and TensorBoard's text) for a mutation the session recorded."""
     reason = f" [{m.reason}]" if m.reason else ""
-    what = op.describe(m, record)
+    what = op_named(m.op).describe(m, record)
     line = f"step {step}: {what}, params {record.params_before} -> {record.params_after}{reason}"
     setup.log(f"  {line}")
     if state.board is not None:
@@ -441,26 +423,6 @@ def _check_processes_agree(setup: RunSetup, model: nn.Module) -> None:
     procs.sync_buffers(model)
     if procs.world > 1:
         setup.log(f"parameters identical on all {procs.world} processes")
-
-
-def _policy_view(
-    setup: RunSetup, state: RunState, batch: tuple[torch.Tensor, torch.Tensor]
-) -> TrainState:
-    """The run as the policy sees it at the state's step, before that step's update."""
-    return train_state(
-        state.step,
-        setup.steps_per_epoch,
-        setup.total_steps,
-        state.model,
-        batch,
-        setup.loss_fn,
-        state.metrics,
-        state.train_losses,
-        setup.initial_widths,
-        state.params,
-        state.graph,
-        {"params": setup.params_before, "macs": setup.macs_before},
-    )
 
 
 def _silent(_message: str) -> None:

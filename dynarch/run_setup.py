@@ -74,7 +74,7 @@ def set_up(
         seed=trainer["seed"],
         test_fraction=data_cfg["test_fraction"],
     )
-    train_loader, test_loader = loaders(splits, trainer, procs, data_cfg.get("num_workers", 0))
+    train_loader, test_loader = loaders(splits, trainer, procs, data_cfg["num_workers"])
     model = build_model(cfg["model"], splits, device, run_dir)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)

@@ -1,28 +1,24 @@
-"""The run as one object: everything the training loop carries from one step to the next.
+"""``dynarch run``'s loop state: its :class:`~dynarch.session.Session` and what only that loop
+carries (LR multiplier, AMP scaler, random generators, FLOPs, the last evaluation).
 
-:class:`RunState`'s saved fields are the checkpoint: :meth:`RunState.state_dict` is the payload
-:func:`dynarch.checkpoint.save` writes, :meth:`RunState.load_state_dict` continues from it, and
-:data:`CHECKPOINT_KEYS`, what a checkpoint must hold to be resumed, are those fields' names. The
-layout is spelled once, in the field list. The other fields (the architecture graph, its size,
-the DDP wrapper, the last evaluation) are rebuilt from the saved ones or only shown.
+:meth:`RunState.state_dict` is the payload :func:`dynarch.checkpoint.save` writes (its keys,
+:data:`CHECKPOINT_KEYS`, are what a checkpoint must hold to be resumed; the session's part is
+read through properties), :meth:`RunState.load_state_dict` continues from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dynarch import checkpoint
-from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter, NoHistory
-from dynarch.models import count_params
-from dynarch.policies.base import Policy, count_macs
 from dynarch.run_logs import TensorBoardLog
+from dynarch.session import Session
 
 
 class RandomGenerators:
@@ -36,51 +32,73 @@ class RandomGenerators:
         checkpoint.set_rng_states(states)
 
 
-def _carried(**kwargs: Any) -> Any:
-    """A field the loop carries but the checkpoint does not hold."""
-    return field(metadata={"checkpoint": False}, **kwargs)
+def _session_holds(name: str, doc: str) -> property:
+    """A part of the run the :class:`~dynarch.session.Session` keeps (read and set there)."""
+    return property(
+        lambda state: getattr(state.session, name),
+        lambda state, value: setattr(state.session, name, value),
+        doc=doc,
+    )
+
+
+# What a checkpoint holds and resuming reads, in its order: a payload without one of these is
+# not a dynarch checkpoint. The session's part (step, model, optimizer, policy, mutations,
+# metrics, train_losses, history) is read through RunState's properties.
+CHECKPOINT_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "policy",
+    "rng",
+    "mutations",
+    "metrics",
+    "train_losses",
+    "lr_scale",
+    "train_flops",
+    "history",
+)
 
 
 @dataclass(kw_only=True, eq=False)
 class RunState:
-    """What the training loop carries from step to step. The fields before the carried ones
-    are the checkpoint, in its order; the LR is ``schedule(step) * lr_scale`` times the base LR,
-    a multiplier on ``param_groups``' lr, so it continues across mutations."""
+    """What ``dynarch run``'s loop carries from step to step: its :class:`Session` (model,
+    optimizer, policy, step, mutations, metrics, history, graph) and what only that loop
+    has: the LR multiplier (``schedule(step) * lr_scale`` times the base LR, on
+    ``param_groups``' lr, so it continues across mutations), the AMP scaler, the random
+    generators, the FLOP count and the last evaluation."""
 
-    step: int = 0
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    session: Session
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     scaler: torch.amp.GradScaler
-    policy: Policy
     rng: RandomGenerators = field(default_factory=RandomGenerators)
-    mutations: list[dict[str, Any]] = field(default_factory=list)  # what replay needs, in order
-    metrics: list[dict[str, Any]] = field(default_factory=list)  # evaluation rows
-    train_losses: list[float] = field(default_factory=list)  # of every finite step
     lr_scale: float = 1.0  # lowered by trainer.on_nonfinite=skip
     train_flops: int = 0
-    history: HistoryWriter | NoHistory = field(default_factory=NoHistory)  # saved: its marks
-
     schedule: InitVar[Callable[[int], float]]
-    path: Path = _carried()  # where the checkpoint is written
-    graph: ArchGraph = _carried()  # the current architecture
-    params: int = _carried(init=False)  # of the current architecture: counted once per version
-    macs: int = _carried(init=False)
-    net: nn.Module | None = _carried(default=None)  # what trains: DDP around model, or model
-    last_checkpoint: int | None = _carried(default=None)  # its step, for error messages
-    test_loss: float = _carried(default=float("nan"))  # of the last evaluation
-    test_accuracy: float = _carried(default=float("nan"))
-    board: TensorBoardLog | None = _carried(default=None)  # trainer.tensorboard
+    path: Path  # where the checkpoint is written
+    last_checkpoint: int | None = None  # its step, for error messages
+    test_loss: float = float("nan")  # of the last evaluation
+    test_accuracy: float = float("nan")
+    board: TensorBoardLog | None = None  # trainer.tensorboard
+
+    step = _session_holds("step", "steps taken")
+    model = _session_holds("model", "the model as it is now")
+    optimizer = _session_holds("optimizer", "the run's optimizer, state carried")
+    policy = _session_holds("policy", "what decides the mutations")
+    mutations = _session_holds("mutations", "what replay needs, in order")
+    metrics = _session_holds("metrics", "evaluation rows")
+    train_losses = _session_holds("train_losses", "of every finite step")
+    history = _session_holds("history", "rank 0's history.db (saved: its marks)")
+    graph = _session_holds("graph", "the current architecture")
+    params = _session_holds("params", "of the current architecture")
+    macs = _session_holds("macs", "of the current architecture")
+    net = _session_holds("net", "what trains: DDP around model, or model")
 
     def __post_init__(self, schedule: Callable[[int], float]) -> None:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: schedule(step) * self.lr_scale
         )
-        self.measure()
-
-    def measure(self) -> None:
-        """Count the current architecture (after each mutation, not every step)."""
-        self.params, self.macs = count_params(self.model), count_macs(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint payload: every saved field, in order (see :func:`_saved`)."""
@@ -107,10 +125,6 @@ class RunState:
     def save(self) -> None:
         """Write the checkpoint (atomically: the old one or the new one, never a torn file)."""
         checkpoint.save(self.path, self.state_dict())
-
-
-# What a checkpoint holds and resuming reads: a payload without one is not a dynarch checkpoint.
-CHECKPOINT_KEYS = tuple(f.name for f in fields(RunState) if f.metadata.get("checkpoint", True))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

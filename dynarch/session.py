@@ -69,13 +69,14 @@ class Session:
         steps_per_epoch: int | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         continued: dict[str, Any] | None = None,
+        processes: distributed.Processes | None = None,
     ) -> None:
         self.policy, self.policy_config = build_policy(policy)
         self.total_steps = _steps("total_steps", total_steps)
         self.steps_per_epoch = _steps("steps_per_epoch", steps_per_epoch or self.total_steps)
         session_state.check_owned(model, optimizer)
         self.model, self.optimizer, self.loss_fn, self.wrap = model, optimizer, loss_fn, wrap
-        self.procs = _processes()
+        self.procs = processes or _processes()
         self.step = 0
         self.mutations: list[dict[str, Any]] = []  # what a continuation replays, in order
         self.events: list[dict[str, Any]] = []  # every mutation's record, with its step
@@ -111,17 +112,55 @@ class Session:
         if self._save_due:  # the last mutation's step has trained: what a resume starts from
             self.save()
         if self.graph is None:
-            self._start(x, y)
+            self.begin(x[:1], (x, y))
+            self.history.log_architecture(self.step, self.graph.to_node_link())
+        records = self.apply(self.decide(x, y), (x, y))
+        self.step += 1
+        return records
+
+    # -- the lifecycle mutate is made of: begin (once), then decide and apply each step -------
+    def begin(
+        self,
+        example: torch.Tensor,
+        batch: Batch | None = None,
+        graph: ArchGraph | None = None,
+        initial: tuple[dict[str, int], dict[str, int]] | None = None,
+    ) -> None:
+        """Trace the model on ``example`` (one input sample) unless ``graph`` is given, and
+        measure it; ``initial``: the widths and sizes (params, MACs) the run started with, if
+        not now (a resumed run). With ``batch``, the policy checks its targets and budgets
+        against the model (a schedule naming a layer the model lacks is one line now)."""
+        self.example = example.detach()
+        self.graph = graph or ArchGraph.from_module(self.model, self.example)
+        self.params, self.macs = count_params(self.model), count_macs(self.model)
+        if initial is not None:
+            self.initial_widths, self.initial_sizes = dict(initial[0]), dict(initial[1])
+        else:
+            graph = self.graph
+            self.initial_widths = {t: graph.group_of(t).width for t in graph.targets()}
+            self.initial_sizes = {"params": self.params, "macs": self.macs}
+        check = getattr(self.policy, "check", None)
+        if check is not None and batch is not None:
+            check(self._view(batch))
+
+    def decide(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> list[Mutation] | None:
+        """The policy's mutations for this step, the same in every process (rank 0 decides);
+        None, without asking the policy, when rank 0 says ``stop`` (one broadcast for both)."""
         view = self._view((x, y))
-        wanted = self.policy.decide(view) if self.procs.is_main else None
-        decided = self.procs.broadcast(wanted)
+        wanted = self.policy.decide(view) if self.procs.is_main and not stop else None
+        decided, stop = self.procs.broadcast((wanted, stop))
+        if stop:
+            return None
         if view._graph is not None:  # traced by the policy
             self.graph = view._graph
-        records = [self._apply_and_record(m, (x, y)) for m in decided]
+        return decided
+
+    def apply(self, decided: list[Mutation], batch: Batch) -> list[MutationRecord]:
+        """Apply and record each mutation; :attr:`net` is built anew after a change."""
+        records = [self._apply_and_record(m, batch) for m in decided]
         if records:
             self.net = self._wrapped()
             self._save_due = self.run_dir is not None
-        self.step += 1
         return records
 
     def log(self, **metrics: Any) -> None:
@@ -191,20 +230,6 @@ class Session:
             checkpoint.save(self.run_dir / CHECKPOINT, self.state_dict())
 
     # -- inside ------------------------------------------------------------------------------
-    def _start(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Trace the model on the first sample; the sizes and widths policies measure from;
-        the policy checks its targets and budgets against the model (a schedule naming a layer
-        the model lacks is one line now, not at its step)."""
-        self.example = x[:1].detach()
-        self.graph = ArchGraph.from_module(self.model, self.example)
-        self.initial_widths = {t: self.graph.group_of(t).width for t in self.graph.targets()}
-        self.params, self.macs = count_params(self.model), count_macs(self.model)
-        self.initial_sizes = {"params": self.params, "macs": self.macs}
-        check = getattr(self.policy, "check", None)
-        if check is not None and self.step == 0:
-            check(self._view((x, y)))
-        self.history.log_architecture(self.step, self.graph.to_node_link())
-
     def _view(self, batch: Batch) -> TrainState:
         return train_state(
             self.step,

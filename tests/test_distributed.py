@@ -172,3 +172,24 @@ def test_two_processes_agree_on_data_driven_inits(tmp_path: Path) -> None:
     (run_dir,) = (tmp_path / "runs").iterdir()
     methods = [e["method"] for e in HistoryReader(run_dir / "history.db").events()]
     assert methods == ["gradmax_fanin_opt", "conv", "tiny", "residual", "tiny"]
+
+
+def test_a_users_ddp_loop_with_a_session_mutates_identically_on_both_ranks(
+    tmp_path: Path,
+) -> None:
+    """examples/own_loop_ddp.py under torchrun: rank 0's decisions reach rank 1, the GradMax
+    statistics and Taylor's chosen channels agree, DDP is rebuilt after each mutation, the
+    two ranks end with the same parameters, and rank 0 alone writes the run dir."""
+    script = TESTS.parent / "examples" / "own_loop_ddp.py"
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, done.stdout
+    assert lines[0].removeprefix("rank 0") == lines[1].removeprefix("rank 1"), lines
+    assert "2 mutations" in lines[0]
+    history = HistoryReader(tmp_path / "run" / "history.db")
+    assert [(e["step"], e["kind"]) for e in history.events()] == [(3, "grow"), (5, "prune")]
+    assert history.run()["status"] == "completed"

@@ -19,7 +19,7 @@ def test_ruff_check_is_clean() -> None:
             pytest.fail("ruff is not installed but CI is set: install the [test] extra")
         pytest.skip("ruff is in the [test] extra")
     result = subprocess.run(
-        ["ruff", "check", "dynarch", "tests", "benchmarks"],
+        ["ruff", "check", "dynarch", "tests", "benchmarks", "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
