@@ -54,7 +54,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class Session:
     """Policies, history and resume for a training loop: call :meth:`mutate` before each
     update and :meth:`log` after it; train through :attr:`net` (the model, or ``wrap(model)``
-    such as DDP, built anew after every mutation)."""
+    such as DDP, built anew after every mutation). Two keywords serve other loops:
+    ``continued``, a state whose weights the model and optimizer hold already (Lightning loads
+    them itself), and ``processes``, torchrun's processes as ``dynarch run`` started them
+    (default: from ``torch.distributed``, if the loop initialised it)."""
 
     def __init__(
         self,
