@@ -231,3 +231,25 @@ def test_an_error_in_the_loop_marks_the_run_failed_and_keeps_its_checkpoint(
     assert (run["status"], run["message"]) == ("failed", "division by zero in the user's loop")
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 3  # written as step 3 began: after the growth's step trained
+
+
+def test_a_mixed_precision_loop_grows_and_prunes_with_the_scaler_unchanged() -> None:
+    """bf16 autocast (CPU here; the same call on CUDA) and a GradScaler around the update:
+    mutations happen outside autocast, in the weights' dtype, and the scaler keeps its state
+    (one scale for the optimizer, not per parameter)."""
+    model, optimizer = _small()
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    session = dynarch.Session(model, optimizer, total_steps=6)
+    x, y = _batches()[0]
+    for _ in range(6):
+        session.mutate(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(session.net(x), y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        session.log(loss=loss)
+    assert [e["kind"] for e in session.events] == ["grow", "grow", "prune"]
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in model.parameters())
+    assert scaler.get_scale() == 256.0 and len(session.train_losses) == 6
