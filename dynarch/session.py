@@ -270,7 +270,7 @@ class Session:
     def _wrapped(self) -> nn.Module:
         if self.wrap is not None:
             return self.wrap(self.model)
-        return self.procs.wrap(self.model, _device_of(self.model))
+        return self.procs.wrap(self.model, session_state.device_of(self.model))
 
     def _open_run_dir(self, resume: bool, continued: dict[str, Any] | None) -> None:
         """Hold the run dir; a new run's history, or a resumed one's checkpoint and history
@@ -389,10 +389,6 @@ def _processes() -> distributed.Processes:
     if torch_dist.is_available() and torch_dist.is_initialized():
         return distributed.Processes(rank=torch_dist.get_rank(), world=torch_dist.get_world_size())
     return distributed.Processes()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _steps(name: str, value: Any) -> int:

@@ -138,8 +138,22 @@ def _example(state: dict[str, Any], model: nn.Module) -> torch.Tensor | None:
     example = state["example"]
     if example is None:
         return None
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return example.to(device)
+    return example.to(device_of(model))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _replayed(
+    model: nn.Module, state: dict[str, Any], example: torch.Tensor | None
+) -> dict[str, nn.Parameter]:
+    """``model`` with the state's mutations replayed and its weights loaded; its parameters
+    by name (what the optimizer's groups are rebuilt from)."""
+    checkpoint.replay(model, state["mutations"], example)
+    model.load_state_dict(state["model"])
+    return dict(model.named_parameters())
 
 
 def _fit(
@@ -151,9 +165,7 @@ def _fit(
     """Try the state on ``trial`` (a copy of the model): the replay, the weights, the
     optimizer's parameter names, counts and state shapes; one line if any does not fit."""
     try:
-        checkpoint.replay(trial, state["mutations"], example)
-        trial.load_state_dict(state["model"])
-        named = dict(trial.named_parameters())
+        named = _replayed(trial, state, example)
         groups, saved = state["param_names"], state["optimizer"]["param_groups"]
         if len(groups) != len(optimizer.param_groups) or len(groups) != len(saved):
             raise SessionError(
@@ -179,9 +191,7 @@ def _load(
 ) -> None:
     """Replay, load the weights, point the optimizer's groups at the parameters by name and
     load its state (all checked by :func:`_fit`)."""
-    checkpoint.replay(model, state["mutations"], example)
-    model.load_state_dict(state["model"])
-    named = dict(model.named_parameters())
+    named = _replayed(model, state, example)
     for group, names in zip(optimizer.param_groups, state["param_names"], strict=True):
         group["params"] = [named[name] for name in names]
     optimizer.state.clear()
