@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from dynarch.errors import DynarchError, close_matches
 
@@ -89,6 +89,14 @@ class RunConfig:
     # numbers shared by the study's policy presets (configs/policy/study/), set per data set
     # by configs/experiment/study_*.yaml and used through ${study.<key>}
     study: dict[str, Any] = field(default_factory=dict)
+
+
+def run_config(plain: dict[str, Any]) -> RunConfig:
+    """A run's resolved config (merged with the schema, checked) as the schema's dataclasses:
+    the loop reads attributes whose types the schema fixed, not a dict's keys."""
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), plain))
+    assert isinstance(config, RunConfig)
+    return config
 
 
 def register() -> None:

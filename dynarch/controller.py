@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import checkpoint, distributed
+from dynarch.config import run_config
 from dynarch.data import augment
 from dynarch.errors import ConfigError, DynarchError, first_line
 from dynarch.factories import lr_multiplier, make_optimizer, resolve_device
@@ -82,24 +83,26 @@ def run(
     log: Callable[[str], None] = print,
     resume: bool = False,
 ) -> RunSummary:
-    """Train ``cfg`` (plain resolved config) under ``policy``; history and checkpoints in
-    ``run_dir``. With ``resume``, continue from ``run_dir``'s checkpoint: the history logged
-    after it is dropped and logged again, so the run ends as if it had never stopped."""
+    """Train ``cfg`` (the resolved config, merged with the schema) under ``policy``; history
+    and checkpoints in ``run_dir``. With ``resume``, continue from ``run_dir``'s checkpoint:
+    the history logged after it is dropped and logged again, so the run ends as if it had
+    never stopped."""
     start = time.perf_counter()
-    trainer = cfg["trainer"]
-    procs, device = distributed.start(resolve_device(str(trainer["device"])), run_dir)
+    config = run_config(cfg)
+    trainer = config.trainer
+    procs, device = distributed.start(resolve_device(trainer.device), run_dir)
     if not procs.is_main:  # one voice: rank 0 prints, logs and writes
         log = _silent
-    if trainer["threads"] is not None:
-        torch.set_num_threads(int(trainer["threads"]))
-    torch.manual_seed(trainer["seed"])
+    if trainer.threads is not None:
+        torch.set_num_threads(trainer.threads)
+    torch.manual_seed(trainer.seed)
     with distributed.lost_peers_in_one_line(procs):
-        setup, model, graph = set_up(cfg, run_dir, procs, device, log)
+        setup, model, graph = set_up(config, cfg, run_dir, procs, device, log)
         with setup.stop:
             state = _starting_state(setup, policy, model, graph, resume)
-            if trainer["tensorboard"] and procs.is_main:
+            if trainer.tensorboard and procs.is_main:
                 state.board = TensorBoardLog(run_dir, state.step)
-            shown = trainer["progress"] and procs.is_main
+            shown = trainer.progress and procs.is_main
             progress = _progress(setup.total_steps - state.step, shown)
             _train_to_the_end(setup, state, progress)
     if procs.is_main:
@@ -131,10 +134,10 @@ def _starting_state(
     if saved is not None:
         checkpoint.restore_model(path, model, saved, setup.example)
         graph = ArchGraph.from_module(model, setup.example)
-    cfg = setup.cfg
+    config = setup.config
     session = Session(
         model,
-        make_optimizer(model, cfg["optimizer"]),
+        make_optimizer(model, config.optimizer),
         policy,
         setup.total_steps,
         setup.loss_fn,
@@ -146,7 +149,7 @@ def _starting_state(
     session.begin(setup.example, first, graph, initial)
     state = RunState(
         session=session,
-        schedule=lr_multiplier(cfg["lr_schedule"], setup.steps_per_epoch, setup.total_steps),
+        schedule=lr_multiplier(config.lr_schedule, setup.steps_per_epoch, setup.total_steps),
         scaler=torch.amp.GradScaler("cuda", enabled=setup.amp),
         path=path,
     )
@@ -154,7 +157,7 @@ def _starting_state(
         state.load_state_dict(saved)
     _open_history(setup, state, saved)
     setup.log(
-        f"{model_name(cfg['model'])} on {cfg['data']['name']}: {setup.params_before} params, "
+        f"{model_name(setup.plain['model'])} on {config.data.name}: {setup.params_before} params, "
         f"{setup.total_steps} steps ({setup.steps_per_epoch}/epoch), "
         f"policy {type(policy).__name__}, device {setup.device}"
     )
@@ -165,9 +168,7 @@ def _first_batch(setup: RunSetup) -> tuple[torch.Tensor, torch.Tensor]:
     """The first training samples (a batch of them), on the device: what the policy checks
     its targets and budgets on before anything is written."""
     train = setup.splits.train
-    x0, y0 = default_collate(
-        [train[i] for i in range(min(len(train), setup.trainer["batch_size"]))]
-    )
+    x0, y0 = default_collate([train[i] for i in range(min(len(train), setup.trainer.batch_size))])
     return x0.to(setup.device), y0.to(setup.device)
 
 
@@ -177,13 +178,13 @@ def _open_history(setup: RunSetup, state: RunState, saved: dict[str, Any] | None
     if setup.procs.is_main:
         state.history = HistoryWriter(setup.run_dir / "history.db")
     if saved is not None:
-        state.history.rewind(saved["history"], setup.cfg)
+        state.history.rewind(saved["history"], setup.plain)
         setup.log(
             f"resumed {setup.run_dir} at step {state.step} "
             f"({len(state.mutations)} mutations so far)"
         )
     else:
-        state.history.write_run(setup.cfg, command=" ".join(sys.argv))
+        state.history.write_run(setup.plain, command=" ".join(sys.argv))
         state.history.log_architecture(0, state.graph.to_node_link())
 
 
@@ -195,7 +196,7 @@ def _train_to_the_end(setup: RunSetup, state: RunState, progress: Any) -> None:
         if state.last_checkpoint is None:  # a new run: step 0, so that it resumes from there
             _checkpoint(setup, state)
             if setup.procs.is_main:
-                write_model_spec(setup.run_dir, setup.cfg["model"], setup.splits)
+                write_model_spec(setup.run_dir, setup.plain["model"], setup.splits)
         _train(setup, state, progress)
         if state.step < setup.total_steps:
             _stop_between_steps(setup, state)
@@ -256,8 +257,8 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
             if state.step >= setup.total_steps:
                 return
             x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-            if setup.cfg["data"]["augment"]:
-                x = augment(x, setup.trainer["seed"] + setup.procs.rank, state.step)
+            if setup.config.data.augment:
+                x = augment(x, setup.trainer.seed + setup.procs.rank, state.step)
             if not _step(setup, state, progress, x, y):
                 return  # a stop was requested (Ctrl-C, SIGTERM)
 
@@ -279,7 +280,8 @@ def _step(
             params=state.params,
         )
     step = state.step
-    if setup.trainer["log_every_steps"] and step % setup.trainer["log_every_steps"] == 0:
+    every = setup.trainer.log_every_steps
+    if every and step % every == 0:
         _log_train_metrics(setup, state)
     if setup.procs.is_main and (step % setup.eval_every == 0 or step == setup.total_steps):
         _evaluate_and_record(setup, state)
@@ -300,7 +302,7 @@ def _mutate(
     decided = state.session.decide(x, y, stop)
     if decided is None:
         return None
-    if decided and setup.procs.is_main and setup.trainer["keep_versions"]:
+    if decided and setup.procs.is_main and setup.trainer.keep_versions:
         save_version_weights(setup.run_dir, len(state.mutations), state.model)
     step = state.step
     for m, record in zip(decided, state.session.apply(decided, (x, y)), strict=True):
@@ -352,13 +354,13 @@ def _skip_nonfinite(setup: RunSetup, state: RunState, loss_value: float) -> None
         else "no checkpoint was written yet"
     )
     finite_weights = all(bool(p.isfinite().all()) for p in state.model.parameters())
-    if setup.trainer["on_nonfinite"] == "stop" or not finite_weights:
+    if setup.trainer.on_nonfinite == "stop" or not finite_weights:
         what = "" if finite_weights else " and the weights are not finite"
         raise NumericalError(
             f"loss is {loss_value} at step {state.step}{what}; {where} (lower "
             "optimizer.lr, or set trainer.on_nonfinite=skip)"
         )
-    state.lr_scale *= setup.trainer["nonfinite_lr_factor"]
+    state.lr_scale *= setup.trainer.nonfinite_lr_factor
     setup.log(f"  step {state.step}: loss is {loss_value}; update skipped, lr x{state.lr_scale:g}")
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dynarch import distributed
+from dynarch.config import LRScheduleConfig, OptimizerConfig, TrainerConfig
 from dynarch.data import DataSplits, make_loaders
 from dynarch.errors import ConfigError, first_line
 from dynarch.models import build_from_config
@@ -32,36 +33,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    name = cfg["name"]
+def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    name = cfg.name
     if name == "sgd":
-        momentum = cfg["momentum"]
         return torch.optim.SGD(
             model.parameters(),
-            lr=cfg["lr"],
-            momentum=momentum,
-            weight_decay=cfg["weight_decay"],
-            nesterov=momentum > 0,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
         )
     if name == "adamw":
         return torch.optim.AdamW(
             model.parameters(),
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            weight_decay=cfg["weight_decay"],
+            lr=cfg.lr,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            weight_decay=cfg.weight_decay,
         )
     raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: sgd, adamw")
 
 
-def lr_multiplier(cfg: dict[str, Any], steps_per_epoch: int, total_steps: int) -> Callable:
+def lr_multiplier(cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int) -> Callable:
     """step -> factor on the base LR: linear warm-up, then cosine, step decay or constant."""
-    warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
-    name = cfg["name"]
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    name, gamma = cfg.name, cfg.gamma
     if name not in ("cosine", "step", "constant"):
         raise ConfigError(
             f"lr_schedule.name: unknown schedule {name!r}; known: cosine, step, constant"
         )
-    every = max(1, int(cfg["step_epochs"] * steps_per_epoch))
+    every = max(1, int(cfg.step_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -70,17 +70,17 @@ def lr_multiplier(cfg: dict[str, Any], steps_per_epoch: int, total_steps: int) -
             progress = (step - warmup) / max(1, total_steps - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if name == "step":
-            return cfg["gamma"] ** ((step - warmup) // every)
+            return gamma ** ((step - warmup) // every)
         return 1.0
 
     return factor
 
 
 def loaders(
-    splits: DataSplits, trainer: dict[str, Any], procs: distributed.Processes, workers: int
+    splits: DataSplits, trainer: TrainerConfig, procs: distributed.Processes, workers: int
 ) -> tuple[Any, Any]:
     """This process's training loader (its share of every global batch) and the test loader."""
-    batch_size = trainer["batch_size"]
+    batch_size = trainer.batch_size
     if batch_size < 1:
         raise ConfigError(f"trainer.batch_size must be positive, got {batch_size}")
     if batch_size % procs.world:
@@ -93,7 +93,7 @@ def loaders(
     return make_loaders(
         splits,
         batch_size,
-        seed=trainer["seed"],
+        seed=trainer.seed,
         num_workers=workers,
         rank=procs.rank,
         world=procs.world,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dynarch import distributed
-from dynarch.config import MAX_STEPS
+from dynarch.config import MAX_STEPS, RunConfig, TrainerConfig
 from dynarch.data import DataSplits, load_data
 from dynarch.errors import ConfigError
 from dynarch.factories import build_model, loaders
@@ -27,7 +27,8 @@ from dynarch.stopping import StopRequest
 class RunSetup:
     """What stays fixed while a run trains: its config, processes, data and lengths."""
 
-    cfg: dict[str, Any]  # the resolved config (plain)
+    config: RunConfig  # the resolved config, typed: what the loop reads
+    plain: dict[str, Any]  # the same as plain data: what the history and config.yaml keep
     run_dir: Path
     procs: distributed.Processes
     device: torch.device
@@ -47,50 +48,51 @@ class RunSetup:
     stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C / SIGTERM seen
 
     @property
-    def trainer(self) -> dict[str, Any]:
-        return self.cfg["trainer"]
+    def trainer(self) -> TrainerConfig:
+        return self.config.trainer
 
     @property
     def amp(self) -> bool:
         """Mixed precision: on CUDA only."""
-        return bool(self.trainer["amp"]) and self.device.type == "cuda"
+        return self.trainer.amp and self.device.type == "cuda"
 
 
 def set_up(
-    cfg: dict[str, Any],
+    config: RunConfig,
+    plain: dict[str, Any],
     run_dir: Path,
     procs: distributed.Processes,
     device: torch.device,
     log: Callable[[str], None],
 ) -> tuple[RunSetup, nn.Module, ArchGraph]:
     """Data, loaders, the model as built and its graph, the run's lengths; config errors
-    first, before anything is written."""
-    trainer, data_cfg = cfg["trainer"], cfg["data"]
+    first, before anything is written. ``config`` is ``plain`` typed (:func:`run_config`)."""
+    trainer, data = config.trainer, config.data
     splits = load_data(
-        data_cfg["name"],
-        path=data_cfg["path"],
-        root=data_cfg["root"],
-        download=data_cfg["download"],
-        seed=trainer["seed"],
-        test_fraction=data_cfg["test_fraction"],
+        data.name,
+        path=data.path,
+        root=data.root,
+        download=data.download,
+        seed=trainer.seed,
+        test_fraction=data.test_fraction,
     )
-    train_loader, test_loader = loaders(splits, trainer, procs, data_cfg["num_workers"])
-    model = build_model(cfg["model"], splits, device, run_dir)
+    train_loader, test_loader = loaders(splits, trainer, procs, data.num_workers)
+    model = build_model(plain["model"], splits, device, run_dir)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)
     graph = ArchGraph.from_module(model, example)
     steps_per_epoch = len(train_loader)
-    total_steps = trainer["steps"] or trainer["epochs"] * steps_per_epoch
+    total_steps = trainer.steps or trainer.epochs * steps_per_epoch
     if not 1 <= total_steps <= MAX_STEPS:
         raise ConfigError(
             f"trainer.epochs/steps give {total_steps} steps; need 1 to {MAX_STEPS:.0e}"
         )
-    if trainer["on_nonfinite"] not in ("stop", "skip"):
-        raise ConfigError(
-            f"trainer.on_nonfinite must be stop or skip, got {trainer['on_nonfinite']!r}"
-        )
+    if trainer.on_nonfinite not in ("stop", "skip"):
+        got = trainer.on_nonfinite
+        raise ConfigError(f"trainer.on_nonfinite must be stop or skip, got {got!r}")
     setup = RunSetup(
-        cfg=cfg,
+        config=config,
+        plain=plain,
         run_dir=run_dir,
         procs=procs,
         device=device,
@@ -104,8 +106,8 @@ def set_up(
         macs_before=count_macs(model),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        eval_every=max(1, int(round(trainer["eval_every_epochs"] * steps_per_epoch))),
-        checkpoint_every=int(round(trainer["checkpoint_every_epochs"] * steps_per_epoch)),
+        eval_every=max(1, int(round(trainer.eval_every_epochs * steps_per_epoch))),
+        checkpoint_every=int(round(trainer.checkpoint_every_epochs * steps_per_epoch)),
         stop=StopRequest(last_word=procs.world > 1),
     )
     return setup, model, graph
