@@ -249,11 +249,18 @@ class HistoryWriter:
 
 
 class NoHistory:
-    """The history of processes other than rank 0, and of a run before its history is opened:
-    every call does nothing (``marks`` is empty)."""
+    """The history of processes other than rank 0, of a run before its history is opened,
+    and of a closed session: every call does nothing; ``marks`` are those given (a closed
+    history's last rows, so a state taken after the close still names what it covers)."""
+
+    def __init__(self, marks: dict[str, int] | None = None) -> None:
+        self._marks = dict(marks or {})
+
+    def marks(self) -> dict[str, int]:
+        return dict(self._marks)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        return lambda *args, **kwargs: {} if name == "marks" else None
+        return lambda *args, **kwargs: None
 
 
 class HistoryReader:

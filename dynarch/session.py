@@ -197,7 +197,9 @@ class Session:
                 self._finish_run_dir()
         finally:
             self.closed = True
+            marks = self.history.marks()
             self.history.close()
+            self.history = NoHistory(marks)  # a state_dict after the close names what it covers
             self._held.close()
 
     def __enter__(self) -> Session:

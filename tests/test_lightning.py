@@ -99,18 +99,29 @@ def test_lightning_grows_and_prunes_and_writes_the_history(tmp_path: Path) -> No
 
 
 def test_a_fit_resumed_from_lightnings_checkpoint_is_bit_equal(tmp_path: Path) -> None:
-    whole = DynarchCallback()
+    whole = DynarchCallback(run_dir=tmp_path / "whole")
     reference = _fit([whole])
-    first = DynarchCallback()
+    first = DynarchCallback(run_dir=tmp_path / "resumed")
     part = _fit([first, StopAfterFirstEpoch()])
     part.trainer_used.save_checkpoint(tmp_path / "epoch1.ckpt")
     assert [e["step"] for e in first.session.events] == [4, 4]
-    second = DynarchCallback()
+    assert HistoryReader(tmp_path / "resumed" / "history.db").run()["status"] == "interrupted"
+    second = DynarchCallback(run_dir=tmp_path / "resumed")
     resumed = _fit([second], ckpt_path=tmp_path / "epoch1.ckpt")
     assert [e["kind"] for e in second.session.events] == ["grow", "grow", "prune"]
     got, want = resumed.state_dict(), reference.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+    # the run dir holds the same history as the uninterrupted fit's, and says it completed
+    histories = [HistoryReader(tmp_path / name / "history.db") for name in ("whole", "resumed")]
+    assert [h.run()["status"] for h in histories] == ["completed", "completed"]
+    kept = ("step", "kind", "target", "k", "indices", "width_after", "params_after")
+    once, twice = ([{key: e[key] for key in kept} for e in h.events()] for h in histories)
+    assert once == twice and len(once) == 3
+    rows = [
+        [(m["step"], m["kind"], m["loss"], m["params"]) for m in h.metrics()] for h in histories
+    ]
+    assert rows[0] == rows[1] and {kind for _, kind, _, _ in rows[0]} == {"train"}
 
 
 def test_more_than_one_optimizer_is_one_line() -> None:
