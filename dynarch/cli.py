@@ -38,6 +38,7 @@ from dynarch.config import (
     check_keys,
     check_values,
     register,
+    upgraded,
 )
 from dynarch.errors import ConfigError, DynarchError, close_matches, first_line
 from dynarch.history_store import HistoryReader, records_nothing
@@ -275,7 +276,7 @@ def _with_schema(config: Any, source: Path) -> dict[str, Any]:
     resumed, started over, extended) reads the same keys, a run from before a key was added
     its default (one line naming ``source`` if it does not fit)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), config)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), upgraded(config))
         plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except (ValueError, OmegaConfBaseException) as exc:
         raise ConfigError(f"{source}: not a dynarch run config ({_one_line(exc)})") from None

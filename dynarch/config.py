@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dynarch.errors import DynarchError, close_matches
 
@@ -64,7 +64,8 @@ class TrainerConfig:
     steps: int | None = None  # stop after this many steps instead (None: epochs * steps/epoch)
     batch_size: int = 64
     device: str = "auto"  # auto = CUDA when available, else CPU
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: str = "bf16"  # mixed precision on CUDA: bf16 | fp16 (with a GradScaler) | off
+    channels_last: bool = False  # model and inputs channels-last (tensor cores' layout)
     seed: int = 0
     threads: int | None = 1  # CPU threads (None: torch's default)
     eval_every_epochs: float = 1.0
@@ -89,6 +90,21 @@ class RunConfig:
     # numbers shared by the study's policy presets (configs/policy/study/), set per data set
     # by configs/experiment/study_*.yaml and used through ${study.<key>}
     study: dict[str, Any] = field(default_factory=dict)
+
+
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def upgraded(config: Any) -> Any:
+    """A run config from before a key changed type, in today's terms: ``trainer.amp`` was a
+    bool (true: fp16 autocast with a GradScaler on CUDA), so a resumed run trains as it did."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config)
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if isinstance(trainer, dict) and isinstance(trainer.get("amp"), bool):
+        amp = "fp16" if trainer["amp"] else "off"
+        config = {**config, "trainer": {**trainer, "amp": amp}}
+    return config
 
 
 def run_config(plain: dict[str, Any]) -> RunConfig:
@@ -140,6 +156,7 @@ _RULES: list[tuple[str, Callable[[Any, dict[str, Any]], bool], str]] = [
     ("trainer.checkpoint_every_epochs", _finite(lambda v: v >= 0), "finite and >= 0"),
     ("trainer.log_every_steps", lambda v, c: v >= 0, ">= 0"),
     ("trainer.on_nonfinite", lambda v, c: v in ("stop", "skip"), "stop or skip"),
+    ("trainer.amp", lambda v, c: v in AMP_MODES, "bf16, fp16 or off"),
     ("trainer.nonfinite_lr_factor", lambda v, c: 0 < v <= 1, "in (0, 1]"),
     ("optimizer.lr", _finite(lambda v: v >= 0), "finite and >= 0"),
     ("optimizer.momentum", _finite(lambda v: v >= 0), "finite and >= 0"),

@@ -150,7 +150,7 @@ def _starting_state(
     state = RunState(
         session=session,
         schedule=lr_multiplier(config.lr_schedule, setup.steps_per_epoch, setup.total_steps),
-        scaler=torch.amp.GradScaler("cuda", enabled=setup.amp),
+        scaler=torch.amp.GradScaler("cuda", enabled=setup.amp_dtype == torch.float16),
         path=path,
     )
     if saved is not None:
@@ -256,7 +256,8 @@ def _train(setup: RunSetup, state: RunState, progress: Any) -> None:
         for x, y in loader:
             if state.step >= setup.total_steps:
                 return
-            x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+            x = x.to(setup.device, non_blocking=True, memory_format=setup.memory_format)
+            y = y.to(setup.device, non_blocking=True)
             if setup.config.data.augment:
                 x = augment(x, setup.trainer.seed + setup.procs.rank, state.step)
             if not _step(setup, state, progress, x, y):
@@ -283,8 +284,10 @@ def _step(
     every = setup.trainer.log_every_steps
     if every and step % every == 0:
         _log_train_metrics(setup, state)
-    if setup.procs.is_main and (step % setup.eval_every == 0 or step == setup.total_steps):
-        _evaluate_and_record(setup, state)
+    if step % setup.eval_every == 0 or step == setup.total_steps:
+        read_losses(setup, state)  # in every process: under torchrun their mean
+        if setup.procs.is_main:
+            _evaluate_and_record(setup, state)
     periodic = setup.checkpoint_every > 0 and step % setup.checkpoint_every == 0
     if decided or periodic or step == setup.total_steps:
         _checkpoint(setup, state)
@@ -299,6 +302,8 @@ def _mutate(
     request: it travels with the decision (one broadcast a step), and the policy is not
     asked, so its state matches the checkpoint."""
     stop = setup.procs.is_main and setup.stop.requested()
+    if state.session.due:
+        read_losses(setup, state)  # what a policy may read
     decided = state.session.decide(x, y, stop)
     if decided is None:
         return None
@@ -323,42 +328,68 @@ def _report(
 
 
 def _update(setup: RunSetup, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Forward, backward and the optimizer and LR steps; a non-finite loss stops the run or
-    skips the update (``trainer.on_nonfinite``), the same way in every process."""
+    """Forward, backward and the optimizer and LR steps. The loss stays on the device
+    (:func:`read_losses` reads it when it is needed), except with
+    ``trainer.on_nonfinite=skip``: a non-finite loss skips its update, so it is read first
+    (one transfer a step; the same branch in every process)."""
     if not state.model.training:  # a recursive train() costs up to 0.3 ms a step
         state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(setup.device.type, enabled=setup.amp):
+    with torch.autocast(setup.device.type, setup.amp_dtype, enabled=setup.amp_dtype is not None):
         loss = setup.loss_fn(state.net(x), y)
-    # the mean over all processes, so that they all take the same branch below
-    loss_value = float(setup.procs.sum(loss.detach())) / setup.procs.world
-    if not math.isfinite(loss_value):
-        _skip_nonfinite(setup, state, loss_value)
-    else:
+    state.unread_losses.append(loss.detach())
+    skipped = False
+    if setup.trainer.on_nonfinite == "skip":
+        (loss_value,) = read_losses(setup, state)
+        if not math.isfinite(loss_value):
+            state.train_losses.pop()
+            _skip_nonfinite(setup, state, loss_value)
+            skipped = True
+    if not skipped:
         state.scaler.scale(loss).backward()
         state.scaler.step(state.optimizer)
         state.scaler.update()
-        state.train_losses.append(loss_value)
     state.scheduler.step()
     state.step += 1
     # forward + backward ~ 3 forwards, 2 FLOPs a multiply-accumulate, all processes
     state.train_flops += 6 * state.macs * len(x) * setup.procs.world
 
 
+def read_losses(setup: RunSetup, state: RunState) -> list[float]:
+    """The losses not read yet, in one device-to-host transfer (under torchrun one all-reduce:
+    their mean over the processes), appended to ``train_losses``; returns them. Called at the
+    same steps in every process. With ``trainer.on_nonfinite=stop`` a non-finite loss stops
+    the run here, naming its step: the steps since it are lost (at most those to the next
+    log, evaluation, checkpoint or policy step), the last checkpoint is before it."""
+    unread, state.unread_losses = state.unread_losses, []
+    if not unread:
+        return []
+    summed = setup.procs.sum(torch.stack(unread).float()).tolist()
+    values = [value / setup.procs.world for value in summed]
+    first = state.step - len(values)  # the step the first was taken at
+    for i, value in enumerate(values):
+        if not math.isfinite(value) and setup.trainer.on_nonfinite == "stop":
+            raise NumericalError(
+                f"loss is {value} at step {first + i}; {_last_good(state)} (lower "
+                "optimizer.lr, or set trainer.on_nonfinite=skip)"
+            )
+    state.train_losses.extend(values)
+    return values
+
+
+def _last_good(state: RunState) -> str:
+    if state.last_checkpoint is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint is step {state.last_checkpoint} in {state.path}"
+
+
 def _skip_nonfinite(setup: RunSetup, state: RunState, loss_value: float) -> None:
     """Lower the LR and go on (``trainer.on_nonfinite=skip``, weights still finite), or stop
     with one line naming the step and the last good checkpoint."""
-    where = (
-        f"the last good checkpoint is step {state.last_checkpoint} in {state.path}"
-        if state.last_checkpoint is not None
-        else "no checkpoint was written yet"
-    )
-    finite_weights = all(bool(p.isfinite().all()) for p in state.model.parameters())
-    if setup.trainer.on_nonfinite == "stop" or not finite_weights:
-        what = "" if finite_weights else " and the weights are not finite"
+    if not all(bool(p.isfinite().all()) for p in state.model.parameters()):
         raise NumericalError(
-            f"loss is {loss_value} at step {state.step}{what}; {where} (lower "
-            "optimizer.lr, or set trainer.on_nonfinite=skip)"
+            f"loss is {loss_value} at step {state.step} and the weights are not finite; "
+            f"{_last_good(state)} (lower optimizer.lr)"
         )
     state.lr_scale *= setup.trainer.nonfinite_lr_factor
     setup.log(f"  step {state.step}: loss is {loss_value}; update skipped, lr x{state.lr_scale:g}")
@@ -366,6 +397,7 @@ def _skip_nonfinite(setup: RunSetup, state: RunState, loss_value: float) -> None
 
 def _log_train_metrics(setup: RunSetup, state: RunState) -> None:
     """A 'train' row in the history (``trainer.log_every_steps``), once there is a loss."""
+    read_losses(setup, state)
     if not state.train_losses:
         return
     state.history.log_metrics(
@@ -411,6 +443,7 @@ def _evaluate_and_record(setup: RunSetup, state: RunState) -> None:
 
 def _checkpoint(setup: RunSetup, state: RunState) -> None:
     """Write the checkpoint (rank 0) and remember its step in every process."""
+    read_losses(setup, state)  # saved with it, and checked: no checkpoint after a NaN
     if setup.procs.is_main:
         state.save()
     state.last_checkpoint = state.step

@@ -52,9 +52,16 @@ class RunSetup:
         return self.config.trainer
 
     @property
-    def amp(self) -> bool:
-        """Mixed precision: on CUDA only."""
-        return self.trainer.amp and self.device.type == "cuda"
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (``trainer.amp``), on CUDA only; None: full precision."""
+        if self.device.type != "cuda" or self.trainer.amp == "off":
+            return None
+        return torch.bfloat16 if self.trainer.amp == "bf16" else torch.float16
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Of the model's weights and each batch (``trainer.channels_last``)."""
+        return torch.channels_last if self.trainer.channels_last else torch.contiguous_format
 
 
 def set_up(
@@ -78,6 +85,8 @@ def set_up(
     )
     train_loader, test_loader = loaders(splits, trainer, procs, data.num_workers)
     model = build_model(plain["model"], splits, device, run_dir)
+    if trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # one training sample to trace with; not from the loader, whose order it would disturb
     example = default_collate([splits.train[0]])[0].to(device)
     graph = ArchGraph.from_module(model, example)

@@ -81,6 +81,9 @@ class RunState:
     test_loss: float = float("nan")  # of the last evaluation
     test_accuracy: float = float("nan")
     board: TensorBoardLog | None = None  # trainer.tensorboard
+    # the losses (on the device) of the steps since they were last read: read together when
+    # something needs them, so that an ordinary step makes no device-to-host transfer
+    unread_losses: list[torch.Tensor] = field(default_factory=list)
 
     step = _session_holds("step", "steps taken")
     model = _session_holds("model", "the model as it is now")

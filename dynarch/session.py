@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from dynarch.graph import ArchGraph
 from dynarch.history_store import HistoryWriter, NoHistory
 from dynarch.models import count_params
 from dynarch.ops import op_named
-from dynarch.policies.base import Mutation, TrainState, count_macs, train_state
+from dynarch.policies.base import Mutation, TrainState, count_macs, next_decision, train_state
 from dynarch.presets import build_policy
 from dynarch.run_dir import CHECKPOINT, holds_run, owned
 from dynarch.scalars import as_number, as_positive
@@ -49,6 +50,9 @@ from dynarch.surgery.record import MutationRecord
 
 SessionError = session_state.SessionError
 Batch = tuple[torch.Tensor, torch.Tensor]
+# Under torchrun the processes meet (rank 0's decision and stop request broadcast) on the
+# steps the policy is asked, and at least this often: a Ctrl-C waits at most this many steps.
+MEET_EVERY = 25
 
 
 class Session:
@@ -84,7 +88,7 @@ class Session:
         self.mutations: list[dict[str, Any]] = []  # what a continuation replays, in order
         self.events: list[dict[str, Any]] = []  # every mutation's record, with its step
         self.metrics: list[dict[str, Any]] = []  # test rows (session.log(test_...=...))
-        self.train_losses: list[float] = []
+        self._train_losses: list[float] = []
         self.graph: ArchGraph | None = None  # traced on the first batch
         self.example: torch.Tensor | None = None  # one input sample, to trace and replay with
         self.initial_widths: dict[str, int] = {}
@@ -95,6 +99,8 @@ class Session:
         self.history: HistoryWriter | NoHistory = NoHistory()
         self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
         self.closed, self._save_due, self._failed = False, False, False
+        self._ask_at = 0  # the next step the policy is asked at (0: the first, also resumed)
+        self._unread: list[tuple[int, dict[str, Any]]] = []  # logged rows, tensors not read
         self._held = ExitStack()
         if self.run_dir is not None:
             try:
@@ -146,14 +152,39 @@ class Session:
         if check is not None and batch is not None:
             check(self._view(batch))
 
+    @property
+    def train_losses(self) -> list[float]:
+        """Every logged training loss, in order (reading them reads the logged tensors)."""
+        self._read_logged()
+        return self._train_losses
+
+    @train_losses.setter
+    def train_losses(self, losses: list[float]) -> None:
+        self._train_losses = losses
+
+    @property
+    def due(self) -> bool:
+        """Whether this step asks the policy (and, under torchrun, meets the other processes):
+        from the step its ``next_step`` named; the steps before read nothing from the device."""
+        return self.step >= self._ask_at
+
     def decide(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> list[Mutation] | None:
         """The policy's mutations for this step, the same in every process (rank 0 decides);
-        None, without asking the policy, when rank 0 says ``stop`` (one broadcast for both)."""
+        None, without asking the policy, when rank 0 says ``stop``. On a step that is not
+        :attr:`due`: nothing (a stop waits for the next due step under torchrun, at most
+        :data:`MEET_EVERY` steps away)."""
+        if not self.due:
+            return None if stop and self.procs.world == 1 else []
+        self._read_logged()  # the losses the policy may read
         view = self._view((x, y))
-        wanted = self.policy.decide(view) if self.procs.is_main and not stop else None
-        decided, stop = self.procs.broadcast((wanted, stop))
+        wanted, ask_at = None, None
+        if self.procs.is_main and not stop:
+            wanted = self.policy.decide(view)
+            ask_at = next_decision(self.policy, replace(view, step=self.step + 1))
+        decided, stop, ask_at = self.procs.broadcast((wanted, stop, ask_at))
         if stop:
             return None
+        self._ask_at = self._next_meeting(ask_at)
         if view._graph is not None:  # traced by the policy
             self.graph = view._graph
         return decided
@@ -169,22 +200,33 @@ class Session:
     def log(self, **metrics: Any) -> None:
         """Metrics of the step just taken: ``loss`` (what signal policies read) and any other
         training number; names starting ``test_`` are an evaluation row (``test_accuracy``,
-        ``test_loss``: the accuracy and loss policies and ``dynarch query`` read)."""
+        ``test_loss``: the accuracy and loss policies and ``dynarch query`` read). A tensor
+        is read when something needs it (the policy's next step, a save, an evaluation row,
+        the close), all of them at once: logging the loss every step costs no host sync."""
         self._check_open("log")
-        values = {name: _number(name, value) for name, value in metrics.items()}
-        test = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
+        values = {name: _metric(name, value) for name, value in metrics.items()}
         train = {k: v for k, v in values.items() if not k.startswith("test_")}
-        epoch = self.step / self.steps_per_epoch
-        if "loss" in train:
-            self.train_losses.append(train["loss"])
         if train:
             lr = self.optimizer.param_groups[0]["lr"]
-            row = {"lr": lr, **train, "params": self.params}
-            self.history.log_metrics(self.step, epoch, "train", row)
+            self._unread.append((self.step, {"lr": lr, **train, "params": self.params}))
+        test = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
         if test:
-            row = {**test, "params": self.params, "macs": self.macs}
+            self._read_logged()
+            epoch = self.step / self.steps_per_epoch
+            row = {**{k: float(v) for k, v in test.items()}, "params": self.params}
+            row["macs"] = self.macs
             self.metrics.append({"step": self.step, "epoch": epoch, **row})
             self.history.log_metrics(self.step, epoch, "eval", row)
+
+    def _read_logged(self) -> None:
+        """The training rows logged since the last read: their tensors read, the losses
+        appended to :attr:`train_losses`, the rows written to the history, in order."""
+        unread, self._unread = self._unread, []
+        for step, logged in unread:
+            row = {k: float(v) for k, v in logged.items()}
+            if "loss" in row:
+                self._train_losses.append(row["loss"])
+            self.history.log_metrics(step, step / self.steps_per_epoch, "train", row)
 
     def close(self) -> None:
         """End the run: the last checkpoint, the history marked completed (or interrupted
@@ -192,6 +234,8 @@ class Session:
         if self.closed:
             return
         try:
+            if not self._failed:
+                self._read_logged()
             if self.run_dir is not None and not self._failed:
                 self.save()
                 self._finish_run_dir()
@@ -215,6 +259,7 @@ class Session:
         """All a continuation needs (tensors and plain values: a weights-only load reads it):
         the mutations, the policy's state, model, optimizer, the step, the random generators.
         Without ``weights``: all but the model and optimizer (for a loop that saves those)."""
+        self._read_logged()
         return session_state.collect(self, weights)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -268,6 +313,15 @@ class Session:
         self.mutations.append(op.replay_entry(record))
         self.events.append({"step": step, "reason": m.reason, **done})
         return record
+
+    def _next_meeting(self, ask_at: int | None) -> int:
+        """The next due step: the policy's, or never (past the run) for one that is done;
+        under torchrun at most MEET_EVERY steps on, where a stop request is shared."""
+        never = max(self.total_steps, self.step + 1)
+        ask_at = never if ask_at is None else max(ask_at, self.step + 1)
+        if self.procs.world > 1:
+            ask_at = min(ask_at, self.step + MEET_EVERY)
+        return ask_at
 
     def _wrapped(self) -> nn.Module:
         if self.wrap is not None:
@@ -400,10 +454,10 @@ def _steps(name: str, value: Any) -> int:
     return n
 
 
-def _number(name: str, value: Any) -> float:
-    """A logged metric as a float (a 0-d tensor too: read on the host here)."""
+def _metric(name: str, value: Any) -> float | torch.Tensor:
+    """A logged metric: a float, or a one-element tensor (detached, read later)."""
     if torch.is_tensor(value) and value.numel() == 1:
-        return float(value.detach())
+        return value.detach().reshape(())
     number = as_number(value)
     if number is None:
         raise SessionError(f"log: {name} must be a number or a one-element tensor, got {value!r}")

@@ -492,3 +492,14 @@ def test_default_policy_grows_with_the_init_the_study_supports() -> None:
         cfg = compose("config")
     grows = [m for m in cfg.policy.mutations if m.op == "grow"]
     assert grows and all(m.init == "zeros" for m in grows)
+
+
+@pytest.mark.parametrize("saved, mode", [(True, "fp16"), (False, "off"), ("bf16", "bf16")])
+def test_a_run_saved_when_amp_was_a_bool_resumes_in_its_precision(saved, mode) -> None:
+    """Before bf16, ``trainer.amp: true`` meant fp16 with a GradScaler: a resumed run keeps it."""
+    from dynarch.cli import _with_schema
+    from dynarch.config import run_config
+
+    saved_config = {"policy": {"_target_": "dynarch.policies.Static"}, "trainer": {"amp": saved}}
+    plain = _with_schema(saved_config, Path("config.yaml"))
+    assert plain["trainer"]["amp"] == run_config(plain).trainer.amp == mode

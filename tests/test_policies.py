@@ -29,6 +29,7 @@ from dynarch.policies import (
     TrainState,
     count_macs,
 )
+from dynarch.policies.base import next_decision
 from dynarch.policies.select import select
 from dynarch.session import apply_mutation
 
@@ -65,7 +66,11 @@ def drive(policy, steps: int, width: int = 4, snapshots: list | None = None):
         )
         if step == 0 and hasattr(policy, "check"):
             policy.check(state)
-        for m in policy.decide(state):
+        asked_from = next_decision(policy, state)
+        decided = policy.decide(state)
+        # the session asks from the step next_step names: a policy never acts before it
+        assert not decided or asked_from == step, (step, asked_from, decided)
+        for m in decided:
             if snapshots is not None:
                 before, out_before = copy.deepcopy(model), _eval_outputs(model, x)
             record = apply_mutation(m, model, opt, (x, y), loss_fn)
@@ -444,3 +449,27 @@ def test_cycle_grows_to_a_budget_prunes_back_and_regrows() -> None:
         consumer, block = consumers[record.group]
         zero_inputs(before, [consumer], record.indices, block)
         torch.testing.assert_close(out_after, _eval_outputs(before, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        EveryNSteps(3, start=2, stop=17, max_times=4),
+        AtSteps([5, 0, 12]),
+        EveryFraction(0.25, max_times=3),
+        AtFractions([0.1, 0.5, 0.95]),
+    ],
+    ids=["every_n", "at_steps", "every_fraction", "at_fractions"],
+)
+def test_a_trigger_names_its_next_step_exactly(trigger) -> None:
+    """next_step at every step is the first step at or after it at which the trigger fires
+    (the fires found by asking it at every step, on a copy)."""
+    total = 20
+    states = [
+        TrainState(s, s / 10, 10, total, None, None, None, [], [], {}, 0) for s in range(total)
+    ]
+    asked = copy.deepcopy(trigger)
+    fires = [s for s, state in enumerate(states) if asked.should_act(state)[0]]
+    for s, state in enumerate(states):
+        assert trigger.next_step(state) == next((f for f in fires if f >= s), None), s
+        trigger.should_act(state)

@@ -1,9 +1,13 @@
 """What a policy sees and what it returns: the contract between the controller and policies.
 
-A policy is any object with ``decide(state) -> list[Mutation]``. The controller calls it once
-per training step, applies the returned mutations in order (grow/prune through the same
-optimizer), and records them with the policy's ``reason``. Policies are built from configs by
-Hydra's ``_target_``, so a user's own class needs no change to dynarch.
+A policy is any object with ``decide(state) -> list[Mutation]``. The session asks it before a
+training step, applies the returned mutations in order (grow/prune through the same
+optimizer), and records them with the policy's ``reason``. A policy that knows when it acts
+next says so with ``next_step(state) -> int | None`` (the first step, at or after
+``state.step``, at which ``decide`` may act; None: never again); it is asked only from then
+on, so the steps between read nothing from the device (the losses it reads are gathered in
+one transfer when it is asked). One without ``next_step`` is asked every step. Policies are
+built from configs by Hydra's ``_target_``, so a user's own class needs no change to dynarch.
 """
 
 from __future__ import annotations
@@ -176,6 +180,14 @@ def count_macs(model: nn.Module) -> int:
     with modes_restored(model):
         macs, _ = tp.utils.count_ops_and_params(model, remember_example_inputs(model, None))
     return int(macs)
+
+
+def next_decision(part: Any, state: TrainState) -> int | None:
+    """When a policy (or a trigger) may act next: its ``next_step(state)``, or ``state.step``
+    for one without it (asked every step). Asking earlier is harmless: before that step
+    ``decide`` returns nothing and changes nothing."""
+    ask = getattr(part, "next_step", None)
+    return state.step if ask is None else ask(state)
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dynarch.errors import DynarchError, close_matches
-from dynarch.policies.base import Mutation, PolicyError, TrainState
+from dynarch.policies.base import Mutation, PolicyError, TrainState, next_decision
 from dynarch.policies.budget import (
     absolute,
     check_limits,
@@ -56,6 +56,9 @@ class Deepen:
             if name not in modules:
                 raise PolicyError(f"after: no module named {name!r}" + close_matches(name, modules))
         check_limits(state, self.limits, "max")
+
+    def next_step(self, state: TrainState) -> int | None:
+        return next_decision(self.when, state)
 
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)

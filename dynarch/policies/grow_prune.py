@@ -18,6 +18,7 @@ from dynarch.policies.base import (
     TrainState,
     check_fraction,
     check_positive,
+    next_decision,
 )
 from dynarch.policies.budget import (
     absolute,
@@ -62,6 +63,9 @@ class Grow:
     def check(self, state: TrainState) -> None:
         check_limits(state, self.limits, "max")
         _check_parts(self, state)
+
+    def next_step(self, state: TrainState) -> int | None:
+        return next_decision(self.when, state)
 
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)
@@ -135,6 +139,9 @@ class Prune:
     def check(self, state: TrainState) -> None:
         _check_parts(self, state)
 
+    def next_step(self, state: TrainState) -> int | None:
+        return next_decision(self.when, state)
+
     def decide(self, state: TrainState) -> list[Mutation]:
         fire, reason = self.when.should_act(state)
         if not fire:
@@ -176,6 +183,10 @@ class Compose:
 
     def decide(self, state: TrainState) -> list[Mutation]:
         return [m for p in self.policies for m in p.decide(state)]
+
+    def next_step(self, state: TrainState) -> int | None:
+        steps = (next_decision(p, state) for p in self.policies)
+        return min((s for s in steps if s is not None), default=None)
 
     def state_dict(self) -> dict[str, Any]:
         return {str(i): _state_of(p) for i, p in enumerate(self.policies)}

@@ -65,6 +65,9 @@ class Static:
     def decide(self, state: TrainState) -> list[Mutation]:
         return []
 
+    def next_step(self, state: TrainState) -> int | None:
+        return None
+
 
 class Schedule:
     """Mutations at given epochs (``epoch: 2.0`` = before the first step after two full epochs),
@@ -110,6 +113,10 @@ class Schedule:
             due.append(Mutation(**{**e.mutation.__dict__, "reason": f"schedule: {_when(e)}"}))
             self.done += 1
         return due
+
+    def next_step(self, state: TrainState) -> int | None:
+        order = sorted(e.step(state) for e in self.entries)
+        return max(state.step, order[self.done]) if self.done < len(order) else None
 
     def _resolve(self, state: TrainState) -> list[_Entry]:
         """The entries with their layers and channel counts as the run started (kept in the

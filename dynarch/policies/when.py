@@ -31,6 +31,13 @@ class EveryNSteps:
             self.fired += 1
         return due, f"every {self.n} steps: step {s}"
 
+    def next_step(self, state: TrainState) -> int | None:
+        if self.max_times is not None and self.fired >= self.max_times:
+            return None
+        s = max(state.step, self.start)
+        s += -(s - self.start) % self.n
+        return s if self.stop is None or s < self.stop else None
+
     def state_dict(self) -> dict[str, Any]:
         return {"fired": self.fired}
 
@@ -46,6 +53,9 @@ class AtSteps:
 
     def should_act(self, state: TrainState) -> tuple[bool, str]:
         return state.step in self.steps, f"at step {state.step}"
+
+    def next_step(self, state: TrainState) -> int | None:
+        return next((s for s in self.steps if s >= state.step), None)
 
 
 class EveryFraction:
@@ -70,11 +80,17 @@ class EveryFraction:
         self.steps = EveryNSteps(1, max_times=max_times)
 
     def should_act(self, state: TrainState) -> tuple[bool, str]:
+        fire, _ = self._in_steps(state).should_act(state)
+        return fire, f"every {self.every:g} of the run: step {state.step} of {state.total_steps}"
+
+    def next_step(self, state: TrainState) -> int | None:
+        return self._in_steps(state).next_step(state)
+
+    def _in_steps(self, state: TrainState) -> EveryNSteps:
         total = state.total_steps
         self.steps.n = max(1, round(self.every * total))
         self.steps.start, self.steps.stop = round(self.start * total), round(self.stop * total)
-        fire, _ = self.steps.should_act(state)
-        return fire, f"every {self.every:g} of the run: step {state.step} of {total}"
+        return self.steps
 
     def state_dict(self) -> dict[str, Any]:
         return self.steps.state_dict()
@@ -94,6 +110,10 @@ class AtFractions:
     def should_act(self, state: TrainState) -> tuple[bool, str]:
         hit = [a for a in self.at if round(a * state.total_steps) == state.step]
         return bool(hit), f"at {hit[0] if hit else 0:g} of the run: step {state.step}"
+
+    def next_step(self, state: TrainState) -> int | None:
+        steps = (round(a * state.total_steps) for a in self.at)
+        return min((s for s in steps if s >= state.step), default=None)
 
 
 def _is_fraction(value: Any, allow_zero: bool = False) -> bool:

@@ -51,7 +51,7 @@ from dynarch.scalars import as_positive
 from dynarch.surgery.edits import all_or_nothing
 from dynarch.surgery.fx_forward import TRACES, insert_call
 from dynarch.surgery.grow import grow
-from dynarch.surgery.plan import check_forward, eval_output, example_or_batch
+from dynarch.surgery.plan import check_forward, eval_output, example_or_batch, memory_format
 from dynarch.surgery.prune import prune
 from dynarch.surgery.record import MutationRecord
 
@@ -289,9 +289,12 @@ def _new_layer(
 
 
 def _place_like(new: nn.Module, model: nn.Module, neighbour: nn.Module) -> None:
-    """The model's device and dtype, and ``neighbour``'s train/eval mode."""
+    """The model's device and dtype, its convolutions' memory format, and ``neighbour``'s
+    train/eval mode."""
     reference = next(model.parameters())
     new.to(device=reference.device, dtype=reference.dtype)
+    if any(memory_format(p) == torch.channels_last for p in model.parameters()):
+        new.to(memory_format=torch.channels_last)
     new.train(neighbour.training)  # a model in eval mode stays in eval mode
 
 

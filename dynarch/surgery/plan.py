@@ -163,6 +163,16 @@ def check_forward(model: nn.Module, action: str) -> Any:
         ) from exc
 
 
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-d tensor laid out that way (``trainer.channels_last``), else
+    ``contiguous_format``: what a tensor replacing it is given, so a mutation keeps the
+    layout the convolutions run fastest in."""
+    if tensor.dim() == 4 and not tensor.is_contiguous():
+        if tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
 def swap_tensors(
     modules: dict[str, nn.Module],
     edits: list[TensorEdit],
@@ -174,7 +184,7 @@ def swap_tensors(
     for e in edits:
         module = modules[e.module]
         old = getattr(module, e.attr)
-        new = new_tensors[(e.module, e.attr)]
+        new = new_tensors[(e.module, e.attr)].contiguous(memory_format=memory_format(old))
         if isinstance(old, nn.Parameter):
             param = nn.Parameter(new, requires_grad=old.requires_grad)
             if old.grad is not None:
@@ -200,6 +210,8 @@ def optimizer_swaps_after_replacement(
     for e in edits:
         old = before[(e.module, e.attr)]
         new = getattr(modules[e.module], e.attr)
+        if new.dim() == 4 and memory_format(old) != memory_format(new):
+            new.data = new.data.contiguous(memory_format=memory_format(old))
         if isinstance(old, nn.Parameter):
             new.requires_grad_(old.requires_grad)
             swaps.append((old, new, e.maps))
