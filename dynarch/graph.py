@@ -19,9 +19,7 @@ from typing import Any
 
 import networkx as nx
 import torch
-import torch_pruning as tp
 from torch import nn
-from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from dynarch.errors import (
     DynarchError,
@@ -43,6 +41,8 @@ from dynarch.layer_kinds import (
     unsupported_reason,
 )
 from dynarch.probes import modes_restored, state_restored
+from dynarch.tp_adapter import index_mapping as tp_index_mapping
+from dynarch.tp_adapter import tp
 
 # Ops (by autograd name) that move channels around; a group through them cannot stay consistent.
 _CHANNEL_REARRANGING = (

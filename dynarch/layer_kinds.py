@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch_pruning as tp
 from torch import nn
+
+from dynarch.tp_adapter import tp
 
 PRODUCER, CONSUMER, CHANNELWISE = "producer", "consumer", "channelwise"
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph, remember_example_inputs
 from dynarch.probes import buffers_restored, modes_restored
 from dynarch.scalars import as_number, as_positive
+from dynarch.tp_adapter import count_ops_and_params
 
 
 class PolicyError(DynarchError):
@@ -178,8 +178,8 @@ def train_state(
 def count_macs(model: nn.Module) -> int:
     """MACs per sample (Torch-Pruning's counter, on the remembered example inputs)."""
     with modes_restored(model):
-        macs, _ = tp.utils.count_ops_and_params(model, remember_example_inputs(model, None))
-    return int(macs)
+        macs, _ = count_ops_and_params(model, remember_example_inputs(model, None))
+    return macs
 
 
 def next_decision(part: Any, state: TrainState) -> int | None:

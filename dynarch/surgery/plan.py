@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from dynarch.errors import (
@@ -21,6 +20,7 @@ from dynarch.layer_kinds import channel_tensors, is_weighted, sync_sizes, width_
 from dynarch.probes import modes_restored
 from dynarch.scalars import as_positive
 from dynarch.surgery.edits import TensorEdit, remap, remap_optimizer
+from dynarch.tp_adapter import tp
 
 
 def resolve(

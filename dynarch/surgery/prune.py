@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from dynarch.errors import DynarchError, InvalidMutationError, close_matches
@@ -26,6 +25,7 @@ from dynarch.surgery.plan import (
     resolve,
 )
 from dynarch.surgery.record import MutationRecord
+from dynarch.tp_adapter import tp
 
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
