@@ -29,7 +29,7 @@ from dynarch.policies import (
     TrainState,
     count_macs,
 )
-from dynarch.policies.base import next_decision
+from dynarch.policies.base import Mutation, next_decision
 from dynarch.policies.select import select
 from dynarch.session import apply_mutation
 
@@ -473,3 +473,24 @@ def test_a_trigger_names_its_next_step_exactly(trigger) -> None:
     for s, state in enumerate(states):
         assert trigger.next_step(state) == next((f for f in fires if f >= s), None), s
         trigger.should_act(state)
+
+
+def test_a_subclass_that_decides_otherwise_is_asked_every_step() -> None:
+    """next_step speaks for its own class's decide: a Schedule subclass with its own decide
+    (acting at other steps than its entries) inherits no promise."""
+
+    class EveryStep(Schedule):
+        def decide(self, state):
+            return super().decide(state)
+
+    class AlsoAt7(Schedule):
+        def decide(self, state):
+            extra = [Mutation("grow", "features.conv2", 1, init="zeros")] if state.step == 7 else []
+            return super().decide(state) + extra
+
+    entries = [{"step": 3, "op": "grow", "target": "features.conv2", "k": 2}]
+    state = TrainState(0, 0.0, 10, 20, None, None, None, [], [], {}, 0)
+    assert next_decision(Schedule(entries), state) == 3
+    assert next_decision(EveryStep(entries), state) == next_decision(AlsoAt7(entries), state) == 0
+    applied, _, _ = drive(AlsoAt7(entries), 9)
+    assert [step for step, *_ in applied] == [3, 7]

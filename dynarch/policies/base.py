@@ -184,10 +184,28 @@ def count_macs(model: nn.Module) -> int:
 
 def next_decision(part: Any, state: TrainState) -> int | None:
     """When a policy (or a trigger) may act next: its ``next_step(state)``, or ``state.step``
-    for one without it (asked every step). Asking earlier is harmless: before that step
-    ``decide`` returns nothing and changes nothing."""
+    (asked every step) for one without it, and for a subclass that overrides ``decide`` (or
+    ``should_act``) below the class whose ``next_step`` it inherits: that one speaks for its
+    own class's decisions only (a user's ``Schedule`` subclass with its own ``decide`` is
+    asked every step). Asking earlier is harmless: before that step ``decide`` returns
+    nothing and changes nothing."""
     ask = getattr(part, "next_step", None)
-    return state.step if ask is None else ask(state)
+    if ask is None or _acts_below_next_step(type(part)):
+        return state.step
+    return ask(state)
+
+
+def _acts_below_next_step(cls: type) -> bool:
+    owner = _defined_in(cls, "next_step")
+    for name in ("decide", "should_act"):
+        acting = _defined_in(cls, name)
+        if acting is not None and acting is not owner and issubclass(acting, owner):
+            return True
+    return False
+
+
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
 
 
 @runtime_checkable
