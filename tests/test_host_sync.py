@@ -4,54 +4,25 @@ instrumenting every Tensor method that hands a value to Python."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sync_probe import READS, _counting, install
 
 from dynarch import controller
 from dynarch.config import RunConfig
 from dynarch.presets import build_policy, preset_config
 from dynarch.session import Session
 
-READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-def _counting(reads: list[str], name: str, method: Callable) -> Callable:
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        reads.append(name)
-        return method(*args, **kwargs)
-
-    return counted
-
 
 def _reads_per_step(monkeypatch: pytest.MonkeyPatch, run_dir: Path, **trainer: Any) -> list:
     """(step, reads, what else the step did) for every step of a default-policy run."""
-    reads: list[str] = []
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, _counting(reads, name, getattr(torch.Tensor, name)))
-    steps = []
-    step_once = controller._step
-
-    def counted_step(setup, state, progress, x, y) -> bool:
-        before, asked, mutations = len(reads), state.session.due, len(state.mutations)
-        result = step_once(setup, state, progress, x, y)
-        after = state.step
-        busy = {
-            "asked": asked,
-            "mutated": len(state.mutations) > mutations,
-            "evaluated": after % setup.eval_every == 0 or after == setup.total_steps,
-            "checkpointed": bool(setup.checkpoint_every) and after % setup.checkpoint_every == 0,
-            "logged": bool(setup.trainer.log_every_steps)
-            and after % setup.trainer.log_every_steps == 0,
-        }
-        steps.append((after - 1, reads[before:], {k for k, v in busy.items() if v}))
-        return result
-
-    monkeypatch.setattr(controller, "_step", counted_step)
+    steps: list = []
+    install(monkeypatch.setattr, steps)
     config = {"policy": preset_config("grow_then_prune"), "trainer": {"epochs": 2, **trainer}}
     plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
     policy, _ = build_policy(plain["policy"])
@@ -71,7 +42,7 @@ def test_an_ordinary_step_reads_nothing_from_the_device(
     asked = [step for step, _, busy in steps if "asked" in busy]
     assert asked == [0, 15, 31]  # grow_then_prune: at 0.334 and 0.667 of 46 steps
     # the losses are read where they are needed, all of them in one transfer
-    assert [reads for step, reads, busy in steps if busy == {"logged"}] == [["tolist"]] * 4
+    assert [reads for step, reads, busy in steps if busy == ["logged"]] == [["tolist"]] * 4
 
 
 def test_on_nonfinite_skip_reads_the_loss_every_step(
@@ -119,3 +90,24 @@ def test_a_sessions_ordinary_step_reads_nothing_from_the_device(
     assert [step for step, (asked, n) in enumerate(per_step) if n and not asked] == [11, 21]
     assert len(session.train_losses) == 30
     assert [e["step"] for e in session.events] == [10, 10, 20]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_under_torchrun_both_ranks_read_nothing_on_an_ordinary_step(tmp_path: Path) -> None:
+    """Two processes: the same steps read (the losses' all-reduce, the decisions' broadcast
+    on the steps the policy is asked and at least every MEET_EVERY), the others nothing."""
+    from test_distributed import torchrun
+
+    counted = ["policy._target_=sync_probe.CountingSchedule", f"+policy.out={tmp_path / 'n'}"]
+    (tmp_path / "run").mkdir()
+    done = torchrun(tmp_path / "run", "run", "data=teacher_student", "trainer.epochs=4", *counted)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [
+        [json.loads(line) for line in (tmp_path / "n" / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 100  # teacher_student: 25 steps an epoch
+    assert [(step, reads) for step, reads, busy in ranks[0] + ranks[1] if reads and not busy] == []
+    asked = [[step for step, _, busy in rank if "asked" in busy] for rank in ranks]
+    # the policy's steps (33, 67), and 25 steps after the last meeting where it is not asked
+    assert asked[0] == asked[1] == [0, 25, 33, 58, 67, 92]
