@@ -66,6 +66,10 @@ class TrainerConfig:
     device: str = "auto"  # auto = CUDA when available, else CPU
     amp: str = "bf16"  # mixed precision on CUDA: bf16 | fp16 (with a GradScaler) | off
     channels_last: bool = False  # model and inputs channels-last (tensor cores' layout)
+    # torch.compile the model, again after every mutation (the time in the mutation's event);
+    # compile_backend: torch.compile's backend (inductor; eager traces only, for a quick check)
+    compile: bool = False
+    compile_backend: str = "inductor"
     seed: int = 0
     threads: int | None = 1  # CPU threads (None: torch's default)
     eval_every_epochs: float = 1.0

@@ -142,6 +142,7 @@ def _starting_state(
         setup.total_steps,
         setup.loss_fn,
         steps_per_epoch=setup.steps_per_epoch,
+        wrap=_compiled(setup) if setup.trainer.compile else None,
         processes=setup.procs,
     )
     initial = (setup.initial_widths, {"params": setup.params_before, "macs": setup.macs_before})
@@ -162,6 +163,13 @@ def _starting_state(
         f"policy {type(policy).__name__}, device {setup.device}"
     )
     return state
+
+
+def _compiled(setup: RunSetup) -> Callable[[nn.Module], nn.Module]:
+    """``trainer.compile``: what trains is ``torch.compile`` of the model (DDP inside under
+    torchrun), built anew after every mutation, so the next step compiles the new shapes."""
+    procs, device, backend = setup.procs, setup.device, setup.trainer.compile_backend
+    return lambda model: torch.compile(procs.wrap(model, device), backend=backend)
 
 
 def _first_batch(setup: RunSetup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +280,11 @@ def _step(
     decided = _mutate(setup, state, x, y)
     if decided is None:
         return False
+    started = time.perf_counter()
     _update(setup, state, x, y)
+    if decided and setup.trainer.compile:  # this step's forward compiled the new model
+        seconds = time.perf_counter() - started
+        state.history.add_to_events(state.step - 1, {"compile_seconds": round(seconds, 3)})
     if progress is not None:
         progress.update(1)
         progress.set_postfix(

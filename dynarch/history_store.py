@@ -209,6 +209,15 @@ class HistoryWriter:
             )
         return version
 
+    def add_to_events(self, step: int, info: dict[str, Any]) -> None:
+        """Add ``info`` to the ``info`` of the events of ``step`` (a measurement made after
+        them: the recompile a mutation caused)."""
+        with self.conn:
+            rows = self.conn.execute("SELECT id, info FROM events WHERE step = ?", (step,))
+            for event_id, text in rows.fetchall():
+                merged = json.dumps({**json.loads(text), **info}, default=float)
+                self.conn.execute("UPDATE events SET info = ? WHERE id = ?", (merged, event_id))
+
     def marks(self) -> dict[str, int]:
         """The last row of each growing table, for a checkpoint to name what it covers."""
         return {

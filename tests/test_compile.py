@@ -1,0 +1,39 @@
+"""``trainer.compile``: the model trains compiled, compiled again after every mutation (the
+step's seconds in the mutation's event); with the ``eager`` backend (Dynamo's trace, no code
+generation: seconds, not minutes, on the CPU) the run is the uncompiled run, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dynarch import controller
+from dynarch.config import RunConfig
+from dynarch.history import HistoryReader
+from dynarch.presets import build_policy, preset_config
+
+
+def _run(run_dir: Path, **trainer) -> dict:
+    config = {"policy": preset_config("grow_then_prune"), "trainer": {"steps": 30, **trainer}}
+    plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
+    policy, _ = build_policy(plain["policy"])
+    run_dir.mkdir()
+    controller.run(plain, policy, run_dir, log=lambda line: None)
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_a_compiled_run_recompiles_after_each_mutation_and_equals_the_eager_run(
+    tmp_path: Path,
+) -> None:
+    torch._dynamo.reset()
+    compiled = _run(tmp_path / "compiled", compile=True, compile_backend="eager")
+    eager = _run(tmp_path / "eager")
+    events = HistoryReader(tmp_path / "compiled" / "history.db").events()
+    assert [(e["step"], e["kind"]) for e in events] == [(10, "grow"), (10, "grow"), (20, "prune")]
+    assert all(e["info"]["compile_seconds"] > 0 for e in events)
+    plain_events = HistoryReader(tmp_path / "eager" / "history.db").events()
+    assert all("compile_seconds" not in e["info"] for e in plain_events)
+    assert compiled["train_losses"] == eager["train_losses"]
+    assert all(torch.equal(compiled["model"][k], v) for k, v in eager["model"].items())
