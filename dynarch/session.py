@@ -21,6 +21,7 @@ mutation's step and at :meth:`Session.close`). ``dynarch run`` is one such loop.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -241,7 +242,7 @@ class Session:
                 self._finish_run_dir()
         finally:
             self.closed = True
-            marks = self.history.marks()
+            marks = _marks_of(self.history)
             self.history.close()
             self.history = NoHistory(marks)  # a state_dict after the close names what it covers
             self._held.close()
@@ -452,6 +453,15 @@ def _steps(name: str, value: Any) -> int:
     if n is None or n > MAX_STEPS:
         raise SessionError(f"{name} must be a positive number of steps, got {value!r}")
     return n
+
+
+def _marks_of(history: HistoryWriter | NoHistory) -> dict[str, int]:
+    """The history's marks, or none where it cannot be read (a full disk): closing must go on
+    and release the run dir, the error that stopped the run reported, not this one."""
+    try:
+        return history.marks()
+    except sqlite3.Error:
+        return {}
 
 
 def _metric(name: str, value: Any) -> float | torch.Tensor:
