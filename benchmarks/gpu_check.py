@@ -103,7 +103,9 @@ def growth_cost(args: argparse.Namespace) -> str:
         optimizer.step()
 
     sync = torch.cuda.synchronize
-    step = statistics.median(_seconds(train, sync) for _ in range(13)[3:] or [0])
+    for _ in range(3):  # warm-up: cuDNN's algorithm search, the allocator
+        train()
+    step = statistics.median(_seconds(train, sync) for _ in range(10))
     parts = [f"train step {step * 1e3:.1f} ms"]
     for init in ("zeros", "gradmax_fanin", "gradmax"):
         times = []

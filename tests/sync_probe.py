@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from dynarch import controller
+from dynarch.config import RunConfig
 from dynarch.policies import Schedule
+from dynarch.presets import build_policy, preset_config
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
@@ -51,6 +54,16 @@ def install(set_attribute: Callable, steps: list, each: Callable[[tuple], None] 
         return result
 
     set_attribute(controller, "_step", counted_step)
+
+
+def default_run(run_dir: Path, **trainer: Any) -> controller.RunSummary:
+    """``dynarch run`` of the default policy in this process (``trainer`` overrides), the run
+    dir made here."""
+    config = {"policy": preset_config("grow_then_prune"), "trainer": trainer}
+    plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
+    policy, _ = build_policy(plain["policy"])
+    run_dir.mkdir()
+    return controller.run(plain, policy, run_dir, log=lambda line: None)
 
 
 class CountingSchedule(Schedule):

@@ -7,20 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from sync_probe import default_run
 
-from dynarch import controller
-from dynarch.config import RunConfig
 from dynarch.history import HistoryReader
-from dynarch.presets import build_policy, preset_config
 
 
 def _run(run_dir: Path, **trainer) -> dict:
-    config = {"policy": preset_config("grow_then_prune"), "trainer": {"steps": 30, **trainer}}
-    plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
-    policy, _ = build_policy(plain["policy"])
-    run_dir.mkdir()
-    controller.run(plain, policy, run_dir, log=lambda line: None)
+    default_run(run_dir, steps=30, **trainer)
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)
 
 

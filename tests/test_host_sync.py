@@ -10,12 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from sync_probe import READS, _counting, install
+from sync_probe import READS, _counting, default_run, install
 
-from dynarch import controller
-from dynarch.config import RunConfig
-from dynarch.presets import build_policy, preset_config
 from dynarch.session import Session
 
 
@@ -23,12 +19,7 @@ def _reads_per_step(monkeypatch: pytest.MonkeyPatch, run_dir: Path, **trainer: A
     """(step, reads, what else the step did) for every step of a default-policy run."""
     steps: list = []
     install(monkeypatch.setattr, steps)
-    config = {"policy": preset_config("grow_then_prune"), "trainer": {"epochs": 2, **trainer}}
-    plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
-    policy, _ = build_policy(plain["policy"])
-    run_dir.mkdir()
-    summary = controller.run(plain, policy, run_dir, log=lambda line: None)
-    assert summary.mutations == 3
+    assert default_run(run_dir, **{"epochs": 2, **trainer}).mutations == 3
     return steps
 
 
