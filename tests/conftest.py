@@ -1,5 +1,6 @@
 """Test-session settings."""
 
+import os
 import random
 
 import numpy as np
@@ -9,6 +10,9 @@ import torch
 # Every tensor in the suite is small: one thread avoids OpenMP barrier spinning, which made
 # files up to 10x slower whenever another process used the second core.
 torch.set_num_threads(1)
+# The same for the runs the tests start as processes (``dynarch run``, torchrun's ranks): the
+# suite runs one worker per core (pytest-xdist), so a child's second thread only competes.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

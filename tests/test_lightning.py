@@ -1,7 +1,7 @@
 """DynarchCallback: a LightningModule (torchvision's resnet18) grows and prunes under the
 ``grow_then_prune`` preset with the optimizer Lightning built, the run dir reads as any other,
 a ``fit(ckpt_path=...)`` from Lightning's checkpoint is bit-equal to the uninterrupted fit, and
-more than one optimizer is one line."""
+more than one optimizer or device is one line."""
 
 from __future__ import annotations
 
@@ -131,3 +131,13 @@ def test_more_than_one_optimizer_is_one_line() -> None:
     )
     with pytest.raises(SessionError, match="needs one optimizer; configure_optimizers gave 2"):
         trainer.fit(module, _loader())
+
+
+def test_more_than_one_device_is_refused_when_fit_starts() -> None:
+    """A two-process DDP Trainer (built, not launched: the refusal is the callback's first act
+    in ``on_fit_start``, before any session exists) is one line naming the device count."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    callback = DynarchCallback()
+    with pytest.raises(SessionError, match="runs on one device; this Trainer has 2"):
+        callback.on_fit_start(trainer, Classifier())
+    assert callback.session is None
