@@ -511,27 +511,43 @@ class Outcome:
     result: Future[subprocess.CompletedProcess]
 
 
+class _Started(dict):
+    """Outcomes by row name; a row not started yet starts when a test asks for it."""
+
+    def __init__(self, start: Callable[[str], Outcome]) -> None:
+        super().__init__()
+        self.start = start
+
+    def __missing__(self, name: str) -> Outcome:
+        self[name] = outcome = self.start(name)
+        return outcome
+
+
 @pytest.fixture(scope="module")
 def outcomes(
     prior_run: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Outcome]]:
     """Set up every selected row (prior run copy, input files, snapshot) and start its bad
     command, WORKERS at a time: each command is a fresh process importing torch (~2-4 s), so
-    one after another the table would take twice as long; the assertions stay per row."""
-    selected = [
-        item.callspec.params["name"]
-        for item in request.session.items
-        if item.module is sys.modules[__name__] and hasattr(item, "callspec")
-    ]
+    one after another the table would take twice as long; the assertions stay per row. Under
+    pytest-xdist a worker knows only the rows it is given, one at a time, so each row starts
+    when its test asks (the other worker keeps the second core busy)."""
     pool = ThreadPoolExecutor(max_workers=WORKERS)
-    rows = {}
-    for name in selected:
+
+    def start(name: str) -> Outcome:
         root = tmp_path_factory.mktemp("row")
         prior = root / "prior_run"
         shutil.copytree(prior_run, prior)
         cli_args = TABLE[name].setup(root, prior)
         files, history = snapshot(root), history_content(prior)
-        rows[name] = Outcome(root, prior, files, history, pool.submit(dynarch, root, *cli_args))
+        return Outcome(root, prior, files, history, pool.submit(dynarch, root, *cli_args))
+
+    rows = _Started(start)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        for item in request.session.items:
+            if item.module is sys.modules[__name__] and hasattr(item, "callspec"):
+                name = item.callspec.params["name"]
+                rows[name] = start(name)
     yield rows
     pool.shutdown(wait=True)
 
