@@ -11,6 +11,7 @@ table costs one short run plus one process start per row (two rows at a time).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -511,22 +512,10 @@ class Outcome:
     result: Future[subprocess.CompletedProcess]
 
 
-class _Started(dict):
-    """Outcomes by row name; a row not started yet starts when a test asks for it."""
-
-    def __init__(self, start: Callable[[str], Outcome]) -> None:
-        super().__init__()
-        self.start = start
-
-    def __missing__(self, name: str) -> Outcome:
-        self[name] = outcome = self.start(name)
-        return outcome
-
-
 @pytest.fixture(scope="module")
 def outcomes(
     prior_run: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[dict[str, Outcome]]:
+) -> Iterator[Callable[[str], Outcome]]:
     """Set up every selected row (prior run copy, input files, snapshot) and start its bad
     command, WORKERS at a time: each command is a fresh process importing torch (~2-4 s), so
     one after another the table would take twice as long; the assertions stay per row. Under
@@ -542,21 +531,20 @@ def outcomes(
         files, history = snapshot(root), history_content(prior)
         return Outcome(root, prior, files, history, pool.submit(dynarch, root, *cli_args))
 
-    rows = _Started(start)
+    started = functools.cache(start)  # a row's outcome by name, started on the first ask
     if "PYTEST_XDIST_WORKER" not in os.environ:
         for item in request.session.items:
             if item.module is sys.modules[__name__] and hasattr(item, "callspec"):
-                name = item.callspec.params["name"]
-                rows[name] = start(name)
-    yield rows
+                started(item.callspec.params["name"])
+    yield started
     pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("name", list(TABLE), ids=list(TABLE))
 def test_bad_input_is_one_line_and_prior_data_is_intact(
-    name: str, outcomes: dict[str, Outcome]
+    name: str, outcomes: Callable[[str], Outcome]
 ) -> None:
-    row, outcome = TABLE[name], outcomes[name]
+    row, outcome = TABLE[name], outcomes(name)
 
     line = the_error_line(outcome.result.result(), row.code)
 

@@ -37,7 +37,7 @@ def torchrun(cwd: Path, *args: str, logs: Path | None = None) -> subprocess.Comp
     """``torchrun --nproc_per_node=2 -m dynarch ARGS``; on a time-out the whole process group
     is killed (torchrun's workers would otherwise outlive the test). With ``logs``, each
     rank's stdout and stderr go to its own files there (torchrun's ``--redirects``)."""
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}  # one thread: tests/conftest.py
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     if logs is not None:
         command += ["--redirects=3", f"--log-dir={logs}"]
@@ -181,7 +181,7 @@ def test_a_users_ddp_loop_with_a_session_mutates_identically_on_both_ranks(
     statistics and Taylor's chosen channels agree, DDP is rebuilt after each mutation, the
     two ranks end with the same parameters, and rank 0 alone writes the run dir."""
     script = TESTS.parent / "examples" / "own_loop_ddp.py"
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}  # one thread: tests/conftest.py
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", str(script), str(tmp_path / "run")]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
