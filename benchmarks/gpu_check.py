@@ -1,6 +1,7 @@
 """The prepared GPU check (issue 24, item 4): one script, within 8 minutes on one H100/H200,
 printing one table: the CUDA tests, the throughput ratio against a plain loop, the cost of a
-growth step against a training step, and a resnet18 growth run on the CIFAR subset.
+growth step against a training step, a resnet18 growth run on the CIFAR subset, and the
+throughput ratio again with torch.compile on both sides (last: each mutation recompiles).
 
 The device machine has torch, torchvision, networkx and scipy, not hydra-core, omegaconf,
 antlr4-python3-runtime or torch-pruning: carry their wheels (made here, with network access
@@ -53,19 +54,28 @@ def cuda_tests(args: argparse.Namespace) -> str:
     return f"{summary} (rc {done.returncode})"
 
 
-def throughput(args: argparse.Namespace) -> str:
-    """Ordinary-step throughput of dynarch run against a plain loop, bf16 + channels-last."""
+def _throughput(args: argparse.Namespace, cases: tuple[str, ...], *extra: str) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput as bench
 
     rows = []
-    for case in ("vgg_small-cifar", "resnet18-cifar"):
+    for case in cases:
         flags = ["--case", case, "--device", "cuda", "--batch", str(args.batch), "--amp", "bf16"]
         flags += ["--channels-last", "--steps", "200", "--chunk", "10", "--eval-every-epochs", "5"]
-        result = bench.main(flags)
+        result = bench.main(flags + list(extra))
         low, high = result["ci95"]
         rows.append(f"{case} {result['ratio_median']:.3f} [{low:.3f}, {high:.3f}]")
-    return "; ".join(rows) + " (torch.compile off)"
+    return "; ".join(rows)
+
+
+def throughput(args: argparse.Namespace) -> str:
+    """Ordinary-step throughput of dynarch run against a plain loop, bf16 + channels-last."""
+    return _throughput(args, ("vgg_small-cifar", "resnet18-cifar")) + " (torch.compile off)"
+
+
+def throughput_compiled(args: argparse.Namespace) -> str:
+    """The same with torch.compile (inductor) on both sides: last, as each mutation recompiles."""
+    return _throughput(args, ("resnet18-cifar",), "--compile") + " (torch.compile on)"
 
 
 def _seconds(work: Callable[[], object], sync: Callable[[], None]) -> float:
@@ -135,6 +145,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], str]] = {
     "throughput": throughput,
     "growth_cost": growth_cost,
     "resnet18_run": resnet18_run,
+    "throughput_compiled": throughput_compiled,
 }
 
 

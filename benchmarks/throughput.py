@@ -10,7 +10,7 @@ evaluated or checkpointed is not in the ratio: those steps are counted apart.
     python benchmarks/throughput.py --case vgg_small-digits --steps 400
     python benchmarks/throughput.py --case resnet18-cifar --steps 120
     python benchmarks/throughput.py --case resnet18-cifar --device cuda --batch 512 \
-        --amp bf16 --channels-last
+        --amp bf16 --channels-last --compile
 
 Results, with the machine: docs/benchmarks.md ("Throughput against a plain loop").
 """
@@ -64,6 +64,8 @@ def run_config_of(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "progress": False,
         "eval_every_epochs": args.eval_every_epochs,
+        "compile": args.compile,
+        "compile_backend": args.compile_backend,
     }
     case = CASES[args.case]
     config = {"policy": preset_config(args.policy), **case, "trainer": trainer}
@@ -84,10 +86,17 @@ def started(plain: dict[str, Any], run_dir: Path) -> tuple[RunSetup, RunState]:
 
 class PlainLoop:
     """What a user writes by hand for the model dynarch has now: forward, loss, backward,
-    optimizer and LR scheduler steps, autocast (and a GradScaler for fp16) as configured."""
+    optimizer and LR scheduler steps, autocast (and a GradScaler for fp16), torch.compile as
+    configured."""
 
     def __init__(self, setup: RunSetup, model: torch.nn.Module) -> None:
         self.setup, self.model = setup, copy.deepcopy(model)
+        trainer = setup.trainer
+        self.forward = (
+            torch.compile(self.model, backend=trainer.compile_backend)
+            if trainer.compile
+            else self.model
+        )
         self.optimizer = make_optimizer(self.model, setup.config.optimizer)
         schedule = lr_multiplier(setup.config.lr_schedule, setup.steps_per_epoch, setup.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -99,7 +108,7 @@ class PlainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         enabled = setup.amp_dtype is not None
         with torch.autocast(setup.device.type, setup.amp_dtype, enabled=enabled):
-            loss = setup.loss_fn(self.model(x), y)
+            loss = setup.loss_fn(self.forward(x), y)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -153,29 +162,37 @@ def plain_chunk(plain: PlainLoop, xs: list) -> None:
 
 
 def measure(setup: RunSetup, state: RunState, chunk: int) -> dict[str, Any]:
-    """Chunks of ``chunk`` steps, dynarch and plain interleaved; per-chunk seconds."""
+    """Chunks of ``chunk`` steps, dynarch and plain interleaved; per-chunk seconds. The first
+    chunk warms both up (allocator, kernels, compile) and, under torch.compile, so does the
+    chunk after a mutation (both compile the new shapes: dynarch's in its events'
+    ``compile_seconds``); those chunks are in neither the ratio nor the special count."""
     data, plain = batches(setup), PlainLoop(setup, state.model)
     ordinary: list[tuple[float, float]] = []  # (dynarch, plain) seconds of a chunk
-    special = {"chunks": 0, "dynarch_s": 0.0, "plain_s": 0.0, "mutations": 0}
+    special = {"chunks": 0, "dynarch_s": 0.0, "plain_s": 0.0, "mutations": 0, "warm_up": 0}
     busy: list[bool] = []
+    warming = True
     while state.step + chunk <= setup.total_steps:
         xs = [next(data) for _ in range(chunk)]
-        first, mutations = state.step, len(state.mutations)
+        mutations = len(state.mutations)
         run_dynarch = partial(dynarch_chunk, setup, state, xs, busy)
         run_plain = partial(plain_chunk, plain, xs)
         if len(busy) % 2 == 0:
             d, p = _timed(setup.device, run_dynarch), _timed(setup.device, run_plain)
         else:
             p, d = _timed(setup.device, run_plain), _timed(setup.device, run_dynarch)
-        if len(state.mutations) > mutations:
+        mutated = len(state.mutations) > mutations
+        if mutated:
             plain = PlainLoop(setup, state.model)  # the architecture dynarch has now
         if busy[-1]:
             special["chunks"] += 1
             special["dynarch_s"] += d
             special["plain_s"] += p
             special["mutations"] += len(state.mutations) - mutations
-        elif first > 0:  # the first chunk warms both up (allocator, kernels)
+        elif warming:
+            special["warm_up"] += 1
+        else:
             ordinary.append((d, p))
+        warming = mutated and setup.trainer.compile
     return {"ordinary": ordinary, "special": special, "steps": state.step}
 
 
@@ -196,6 +213,7 @@ def summary(result: dict[str, Any], chunk: int) -> dict[str, Any]:
         "special_chunks": special["chunks"],
         "mutations": special["mutations"],
         "special_extra_s": special["dynarch_s"] - special["plain_s"],
+        "warm_up_chunks": special["warm_up"],
     }
 
 
@@ -211,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--policy", default="grow_then_prune")
     parser.add_argument("--eval-every-epochs", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         setup, state = started(run_config_of(args), Path(tmp))

@@ -135,6 +135,7 @@ def _starting_state(
         checkpoint.restore_model(path, model, saved, setup.example)
         graph = ArchGraph.from_module(model, setup.example)
     config = setup.config
+    backend = setup.trainer.compile_backend if setup.trainer.compile else None
     session = Session(
         model,
         make_optimizer(model, config.optimizer),
@@ -142,7 +143,7 @@ def _starting_state(
         setup.total_steps,
         setup.loss_fn,
         steps_per_epoch=setup.steps_per_epoch,
-        wrap=_compiled(setup) if setup.trainer.compile else None,
+        wrap=compiled_wrap(setup.procs, setup.device, backend) if backend else None,
         processes=setup.procs,
     )
     initial = (setup.initial_widths, {"params": setup.params_before, "macs": setup.macs_before})
@@ -165,11 +166,19 @@ def _starting_state(
     return state
 
 
-def _compiled(setup: RunSetup) -> Callable[[nn.Module], nn.Module]:
+def compiled_wrap(
+    procs: distributed.Processes, device: torch.device, backend: str
+) -> Callable[[nn.Module], nn.Module]:
     """``trainer.compile``: what trains is ``torch.compile`` of the model (DDP inside under
-    torchrun), built anew after every mutation, so the next step compiles the new shapes."""
-    procs, device, backend = setup.procs, setup.device, setup.trainer.compile_backend
-    return lambda model: torch.compile(procs.wrap(model, device), backend=backend)
+    torchrun), built anew after every mutation, so the next step compiles the new shapes.
+    Dynamo's caches are dropped first: they key on the model's forward code, so without the
+    reset the 9th architecture would hit ``recompile_limit`` (8) and train eager, silently."""
+
+    def wrap(model: nn.Module) -> nn.Module:
+        torch.compiler.reset()
+        return torch.compile(procs.wrap(model, device), backend=backend)
+
+    return wrap
 
 
 def _first_batch(setup: RunSetup) -> tuple[torch.Tensor, torch.Tensor]:
