@@ -67,9 +67,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def mutate(model: nn.Module, x: torch.Tensor, target: str, k: int) -> str | None:
-    """Grow ``target`` by k (zeros: outputs must not change), then prune one channel.
-    None when both worked; else why, prefixed 'refused:' or 'failing:'."""
+def mutate(model: nn.Module, x: torch.Tensor, target: str, k: int, blocks: int = 1) -> str | None:
+    """Grow ``target`` by k (zeros: outputs must not change), then prune one channel (k and
+    the one channel per block of a group with grouped convs). None when both worked; else
+    why, prefixed 'refused:' or 'failing:'."""
+    k = k * blocks
     with torch.no_grad():
         before = model(x)
     try:
@@ -79,7 +81,7 @@ def mutate(model: nn.Module, x: torch.Tensor, target: str, k: int) -> str | None
         change = float((after - before).abs().max())
         if not change <= 1e-5 * max(1.0, float(before.abs().max())):
             return f"failing: growing {target!r} changed the outputs by {change:.2e}"
-        dynarch.prune(model, target, k=1)
+        dynarch.prune(model, target, k=blocks)
         with torch.no_grad():
             if model(x).shape != before.shape:
                 return f"failing: pruning {target!r} changed the output shape"
@@ -132,7 +134,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if _since(start) > args.seconds:
             break
         tested.append(target)
-        problem = mutate(model, x, target, args.k)
+        problem = mutate(model, x, target, args.k, graph.group_of(target).blocks)
         if problem:
             row["reasons"].append(problem)
     row["tested"] = len(tested)
@@ -193,7 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="", help="comma-separated names (default: all)")
     p.add_argument("--max-targets", type=int, default=6, help="targets per model (0: all)")
     p.add_argument("--seconds", type=float, default=120.0, help="mutation time cap per model")
-    p.add_argument("--k", type=int, default=1, help="channels grown per target")
+    p.add_argument(
+        "--k", type=int, default=1, help="channels grown per target (per block: grouped convs)"
+    )
     p.add_argument("--sizes", default="64,128,224", help="input sizes tried in order")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)

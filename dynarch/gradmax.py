@@ -416,6 +416,17 @@ def fan_out_from_columns(
     return fan_out
 
 
+def _check_not_grouped(ctx: GrowthContext) -> None:
+    """The statistics are one matrix per layer, for outputs that read every new channel; a
+    grouped conv's output reads its own block's only (GradMax per block is not done)."""
+    grouped = ctx.grouped_convs()
+    if grouped:
+        named = ", ".join(grouped[:3]) + (
+            f" and {len(grouped) - 3} more" if len(grouped) > 3 else ""
+        )
+        raise GradMaxUnsupported(f"grouped convolutions ({named}) are not supported")
+
+
 def fallback_when_unsupported(
     fallback: Initializer, name: str
 ) -> Callable[[Initializer], Initializer]:
@@ -427,6 +438,7 @@ def fallback_when_unsupported(
         @functools.wraps(init)
         def wrapped(ctx: GrowthContext) -> NewChannels:
             try:
+                _check_not_grouped(ctx)
                 return init(ctx)
             except GradMaxUnsupported as exc:
                 new = fallback(ctx)

@@ -10,6 +10,7 @@ these groups only.
 from __future__ import annotations
 
 import json
+import math
 import traceback
 import weakref
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,8 @@ from dynarch.layer_kinds import (
     CHANNELWISE,
     CONSUMER,
     PRODUCER,
+    channel_blocks,
+    channel_size,
     channel_tensors,
     is_weighted,
     kind_of,
@@ -95,6 +98,9 @@ class ChannelGroup:
     ops: tuple[str, ...] = ()
     at_output: bool = False
     unsupported: str | None = None
+    # equal blocks the channels come in (the lcm of its grouped convs' groups): a mutation
+    # adds or removes the same channels in every block, so each conv group keeps its own
+    blocks: int = 1
 
     @property
     def producers(self) -> list[str]:
@@ -117,8 +123,13 @@ class ChannelGroup:
         )
         return target if whole else self.name
 
+    @property
+    def block_width(self) -> int:
+        """Channels per block (the whole width when there is one block)."""
+        return self.width // self.blocks
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "width": self.width,
             "at_output": self.at_output,
@@ -126,6 +137,9 @@ class ChannelGroup:
             "ops": list(self.ops),
             "members": [m.__dict__ for m in self.members],
         }
+        if self.blocks > 1:  # only then: the graphs of other models stay as they were
+            data["blocks"] = self.blocks
+        return data
 
 
 @dataclass
@@ -501,6 +515,7 @@ def _channel_group(
     ops: list[str] = []
     at_output = False
     unsupported: str | None = None
+    blocks = 1
     for item in tp_group.items:
         node, target = item.dep.target, item.dep.target.module
         out_side = item.dep.handler.__name__.startswith("prune_out")
@@ -524,10 +539,11 @@ def _channel_group(
         member, problem = _placement(
             mname, side, role_of(target, side), item.idxs, item.root_idxs, width
         )
-        problem = problem or _overflow(target, member)
+        problem = problem or _overflow(target, member) or _split_blocks(target, member)
         if problem:
             unsupported = unsupported or f"{mname}: {problem}"
             continue
+        blocks = math.lcm(blocks, channel_blocks(target))
         members.append(member)
         if member.role == PRODUCER and member.start == 0:
             if member.stop == dg.get_out_channels(target):
@@ -543,6 +559,22 @@ def _channel_group(
         ops=tuple(sorted(set(ops))),
         at_output=at_output,
         unsupported=unsupported,
+        blocks=blocks,
+    )
+
+
+def _split_blocks(module: nn.Module, member: GroupMember) -> str | None:
+    """A grouped conv's channels must all be the group's: when a concatenation feeds it (or it
+    feeds one) the group's channels would sit in some of its blocks and not the others."""
+    tensors = channel_tensors(module, member.role)
+    if channel_blocks(module) == 1 or not tensors:
+        return None
+    size = channel_size(module, tensors[0])
+    if member.start == 0 and member.stop == size:
+        return None
+    return (
+        f"its {member.side}put channels {member.start}..{member.stop} of {size} are a part of "
+        f"its {channel_blocks(module)} conv groups (a concatenation at a grouped conv)"
     )
 
 
@@ -633,7 +665,7 @@ def _refused_group(
         side = "out" if out_side or not (kind and kind.two_sided) else "in"
         role = role_of(target, side)
         tensors = channel_tensors(target, role)
-        size = getattr(target, tensors[0].attr).shape[tensors[0].dim] if tensors else width
+        size = channel_size(target, tensors[0]) if tensors else width
         if size % width == 0 and (role != PRODUCER or size == width):
             members.append(GroupMember(module_names[target], side, role, 0, size, size // width))
     order = {n: i for i, n in enumerate(module_names.values())}
@@ -692,7 +724,7 @@ def _overflow(module: nn.Module, member: GroupMember | None) -> str | None:
     tensors = channel_tensors(module, member.role) if member else []
     if not tensors:
         return None
-    size = getattr(module, tensors[0].attr).shape[tensors[0].dim]
+    size = channel_size(module, tensors[0])
     if member.stop <= size:
         return None
     return (

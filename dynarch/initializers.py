@@ -34,6 +34,7 @@ __all__ = [
     "GrowthOptions",
     "NewChannels",
     "available_initializers",
+    "check_grouped",
     "check_initializer",
     "get_initializer",
     "new_channels",
@@ -51,6 +52,27 @@ _REGISTRY: dict[str, Initializer] = {
     "net2net": net2net_init,
     "firefly": firefly_init,
 }
+
+
+# Initializers whose new channels copy existing ones, which a grouped conv's block structure
+# does not allow; the gradient-chosen ones fall back to random or zeros there instead
+# (``gradmax.fallback_when_unsupported``, recorded in ``info["fallback"]``).
+_NOT_GROUPED = {"net2net"}
+
+
+def check_grouped(init: str | Initializer, grouped: list[str]) -> None:
+    """Refuse an initializer that cannot grow a group holding grouped convs (``grouped``,
+    their names) before anything changes; a function of the user's is given the grouped
+    shapes (a grouped consumer's new columns: ``k / groups`` per output)."""
+    name = init_name(init)
+    if not grouped or callable(init) or name not in _NOT_GROUPED:
+        return
+    named = ", ".join(grouped[:3]) + (f" and {len(grouped) - 3} more" if len(grouped) > 3 else "")
+    raise DynarchError(
+        f"init {name!r} cannot grow a group with grouped convolutions ({named}): it copies "
+        "existing "
+        "channels, each of which belongs to one conv group; use random, zeros or a gradient init"
+    )
 
 
 def register_initializer(

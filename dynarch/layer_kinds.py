@@ -35,10 +35,15 @@ PRODUCER, CONSUMER, CHANNELWISE = "producer", "consumer", "channelwise"
 
 @dataclass(frozen=True)
 class ChannelTensor:
-    """One tensor attribute of a module and the dimension that indexes the group's channels."""
+    """One tensor attribute of a module and the dimension that indexes the group's channels.
+
+    ``folds`` channels share one index of that dimension: a grouped conv's weight holds the
+    input channels of one group (``in_channels / groups``), and index j serves channel j of
+    every group."""
 
     attr: str
     dim: int
+    folds: int = 1
 
 
 class LayerKind:
@@ -84,6 +89,11 @@ class LayerKind:
     def width_problem(self, module: nn.Module, width: int) -> str | None:
         """Why this module cannot have ``width`` channels, or None."""
         return None
+
+    def blocks(self, module: nn.Module) -> int:
+        """Equal blocks its channel dimensions come in (a grouped conv's ``groups``): the
+        channels of a group holding it grow and shrink by the same count in every block."""
+        return 1
 
     def node_attrs(self, module: nn.Module) -> dict[str, int | str]:
         """Scalar attributes for the architecture graph's node (channel counts, kernel, ...)."""
@@ -146,12 +156,21 @@ class ConvKind(LayerKind):
         name = type(module).__name__
         if module.transposed:
             return f"{name} (transposed convolution) is not supported"
-        if module.groups > 1:
-            return f"{name} with groups={module.groups} (grouped, not depthwise) is not supported"
+        if module.groups == module.out_channels != module.in_channels and module.groups > 1:
+            # Torch-Pruning couples such a conv's input and output channels as a depthwise one's
+            return (
+                f"{name} with groups={module.groups} = out_channels != in_channels="
+                f"{module.in_channels} is not supported"
+            )
         return None
 
     def channel_tensors(self, module: nn.Module, role: str) -> list[ChannelTensor]:
+        if role == CONSUMER:
+            return [ChannelTensor("weight", 1, folds=module.groups)]
         return _weighted_tensors(module, role)
+
+    def blocks(self, module: nn.Module) -> int:
+        return module.groups
 
     def sync_sizes(self, module: nn.Module) -> None:
         module.out_channels = module.weight.shape[0]
@@ -188,6 +207,9 @@ class DepthwiseConvKind(ConvKind):
 
     def channel_tensors(self, module: nn.Module, role: str) -> list[ChannelTensor]:
         return _weighted_tensors(module, PRODUCER)  # one filter (and bias) per channel
+
+    def blocks(self, module: nn.Module) -> int:
+        return 1  # one filter per channel: any count of channels
 
     def neutral(self, module: nn.Module, attr: str, count: int) -> torch.Tensor:
         old = getattr(module, attr)
@@ -357,6 +379,17 @@ def sync_sizes(module: nn.Module) -> None:
 def width_problem(module: nn.Module, width: int) -> str | None:
     kind = kind_of(module)
     return kind.width_problem(module, width) if kind is not None else None
+
+
+def channel_blocks(module: nn.Module) -> int:
+    """Equal blocks ``module``'s channels come in (a grouped conv's ``groups``; else 1)."""
+    kind = kind_of(module)
+    return kind.blocks(module) if kind is not None else 1
+
+
+def channel_size(module: nn.Module, ct: ChannelTensor) -> int:
+    """Channels that tensor dimension ``ct`` stands for (its size times ``ct.folds``)."""
+    return getattr(module, ct.attr).shape[ct.dim] * ct.folds
 
 
 def size_attrs(module: nn.Module) -> tuple[str, ...]:

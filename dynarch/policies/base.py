@@ -21,9 +21,16 @@ from torch import nn
 
 from dynarch.errors import DynarchError
 from dynarch.graph import ArchGraph, remember_example_inputs
+from dynarch.layer_kinds import channel_blocks
 from dynarch.probes import buffers_restored, modes_restored
 from dynarch.scalars import as_number, as_positive
 from dynarch.tp_adapter import count_ops_and_params
+
+
+def in_blocks(k: int, blocks: int, up: bool = True) -> int:
+    """``k`` channels as a whole number of ``blocks`` (a group with grouped convs changes by
+    a multiple of their groups): rounded up (an amount), or down (a cap)."""
+    return -(-k // blocks) * blocks if up else k // blocks * blocks
 
 
 class PolicyError(DynarchError):
@@ -111,6 +118,12 @@ class TrainState:
     def width(self, target: str) -> int:
         """Current number of output channels of ``target``."""
         return int(self.model.get_submodule(target).weight.shape[0])
+
+    def blocks(self, target: str) -> int:
+        """Blocks ``target``'s channels come in (grouped convs: a change is a multiple)."""
+        if not any(channel_blocks(m) > 1 for m in self.model.modules()):
+            return 1  # no grouped conv: no trace needed
+        return self.graph.group_of(target).blocks
 
     def targets(self) -> list[str]:
         """Growable layers, one per channel group (a residual stream's first producer stands

@@ -16,7 +16,13 @@ from torch import nn
 
 from dynarch.graph import remember_example_inputs
 from dynarch.models import count_params
-from dynarch.policies.base import PolicyError, TrainState, check_positive, count_macs
+from dynarch.policies.base import (
+    PolicyError,
+    TrainState,
+    check_positive,
+    count_macs,
+    in_blocks,
+)
 from dynarch.surgery.grow import grow
 from dynarch.surgery.prune import prune
 
@@ -94,32 +100,41 @@ def fit_growth(
     state: TrainState, wanted: list[tuple[str, int]], limits: dict[str, int | str]
 ) -> list[tuple[str, int]]:
     """The largest k <= wanted for each target in turn such that the model after the whole
-    decision stays within ``limits`` (e.g. ``{"params": 50_000}``)."""
+    decision stays within ``limits`` (e.g. ``{"params": 50_000}``); k in steps of the
+    target's blocks (one channel, or one per conv group of a grouped conv)."""
     if not limits:
         return wanted
     limits = absolute(state, limits)
     twin = trial_copy(state.model)
     fitted = []
     for target, k in wanted:
+        step = state.blocks(target)
         before = {what: COUNTERS[what](twin) for what in limits}
-        width = twin.get_submodule(target).weight.shape[0]
-        grow(twin, target, 1)
+        one = grow(twin, target, step)
         # cost is linear in one layer's width while the others stay fixed, except where a
         # layer consumes its own group; the check below catches that case
         fits = [
             (limit - before[what]) // max(1, COUNTERS[what](twin) - before[what])
             for what, limit in limits.items()
         ]
-        k = max(0, min(k, *fits))
-        if k > 1:
-            grow(twin, target, k - 1)
-        elif k == 0:
-            prune(twin, target, idxs=[width])
-        while k > 0 and not within_limits(twin, limits):
-            prune(twin, target, idxs=[width + k - 1])
-            k -= 1
-        fitted.append((target, k))
+        prune(twin, target, idxs=one.indices)  # back as it was
+        steps = max(0, min(k // step, *fits))
+        while steps > 0:
+            trial = trial_copy(twin)
+            grow(trial, target, steps * step)
+            if within_limits(trial, limits):
+                twin = trial
+                break
+            steps -= 1
+        fitted.append((target, steps * step))
     return fitted
+
+
+def last_channels(width: int, blocks: int, k: int) -> list[int]:
+    """The last ``k / blocks`` channels of each of ``blocks`` blocks of a ``width`` group
+    (the last ``k`` for one block): a prune a group with grouped convs accepts."""
+    size, per_block = width // blocks, k // blocks
+    return [b * size + j for b in range(blocks) for j in range(size - per_block, size)]
 
 
 def fit_pruning(
@@ -130,15 +145,24 @@ def fit_pruning(
     whether the limits are met (False: even pruning everything allowed is not enough)."""
     limits = absolute(state, limits)
     widths = {t: state.width(t) for t in targets}
+    blocks = {t: state.blocks(t) for t in targets}
 
     def plan(share: float) -> list[tuple[str, int]]:
-        return [(t, min(int(share * w), w - min_width)) for t, w in widths.items()]
+        return [
+            (
+                t,
+                min(
+                    in_blocks(int(share * w), blocks[t]), in_blocks(w - min_width, blocks[t], False)
+                ),
+            )
+            for t, w in widths.items()
+        ]
 
     def fits(share: float) -> bool:
         twin = trial_copy(state.model)
         for target, k in plan(share):
             if k > 0:
-                prune(twin, target, idxs=list(range(widths[target] - k, widths[target])))
+                prune(twin, target, idxs=last_channels(widths[target], blocks[target], k))
         return within_limits(twin, limits)
 
     if within_limits(state.model, limits):

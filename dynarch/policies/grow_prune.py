@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dynarch.errors import DynarchError
-from dynarch.initializers import check_initializer
+from dynarch.initializers import check_grouped, check_initializer
 from dynarch.policies.amount import amount_from
 from dynarch.policies.base import (
     Mutation,
@@ -18,6 +18,7 @@ from dynarch.policies.base import (
     TrainState,
     check_fraction,
     check_positive,
+    in_blocks,
     next_decision,
 )
 from dynarch.policies.budget import (
@@ -27,6 +28,7 @@ from dynarch.policies.budget import (
     fit_pruning,
     limits_from,
 )
+from dynarch.policies.where import AllTargets
 from dynarch.surgery.prune import check_importance
 
 
@@ -63,6 +65,12 @@ class Grow:
     def check(self, state: TrainState) -> None:
         check_limits(state, self.limits, "max")
         _check_parts(self, state)
+        pool = AllTargets.choose(self.where, state) if isinstance(self.where, AllTargets) else None
+        grouped = [t for t in pool or state.targets() if state.blocks(t) > 1]
+        try:  # before training, not at the first growth of a grouped conv's group
+            check_grouped(self.init, grouped)
+        except DynarchError as exc:
+            raise PolicyError(f"init: {exc}; or exclude those layers") from None
 
     def next_step(self, state: TrainState) -> int | None:
         return next_decision(self.when, state)
@@ -74,8 +82,10 @@ class Grow:
         wanted, reasons = [], {}
         for target in self.where.choose(state):
             k, why = self.amount.how_many(state, target)
+            blocks = state.blocks(target) if k > 0 else 1
+            k = in_blocks(k, blocks)
             if self.max_width is not None:
-                k = min(k, self.max_width - state.width(target))
+                k = min(k, in_blocks(self.max_width - state.width(target), blocks, up=False))
             if k > 0:
                 wanted.append((target, k))
                 reasons[target] = _join(reason, _describe(self.where, target), why)
@@ -156,7 +166,9 @@ class Prune:
             planned = [(t, self.k or int(self.ratio * state.width(t))) for t in targets]
         mutations = []
         for target, k in planned:
-            k = min(k, state.width(target) - self.min_width)
+            blocks = state.blocks(target) if k > 0 else 1
+            room = in_blocks(state.width(target) - self.min_width, blocks, up=False)
+            k = min(in_blocks(k, blocks), room)
             if k > 0:
                 why = _join(reason, _describe(self.where, target))
                 mutations.append(

@@ -10,8 +10,9 @@ from typing import Any
 from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
+from dynarch.initializers import check_grouped
 from dynarch.ops import Op, op_named
-from dynarch.policies.base import Mutation, TrainState
+from dynarch.policies.base import Mutation, TrainState, in_blocks
 from dynarch.policies.select import resolve_one
 from dynarch.scalars import as_number, as_positive
 from dynarch.surgery.deepen import inserted_name
@@ -56,7 +57,8 @@ class _Entry:
         width = state.initial_widths.get(target)
         if width is None:
             width = state.graph.group_of(target).width if target in state.graph.targets() else 0
-        return target, max(1, round(self.fraction * width))
+        blocks = state.blocks(target) if target in state.graph.targets() else 1
+        return target, in_blocks(max(1, round(self.fraction * width)), blocks)
 
 
 class Static:
@@ -167,14 +169,24 @@ def _check_width(where: str, m: Mutation, sign: int, graph: Any, widths: dict[st
         raise ScheduleError(
             f"{where}: {problem}; targets: {', '.join(targets)}" + close_matches(m.target, targets)
         )
-    group = graph.group_of(m.target).name
+    group = graph.group_of(m.target)
+    if group.blocks > 1 and sign > 0:
+        try:
+            check_grouped(m.init, [m.target])
+        except DynarchError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
+    if m.k % group.blocks:
+        raise ScheduleError(
+            f"{where}: {m.target!r}'s channels are in {group.blocks} blocks (grouped convs), "
+            f"so k must be a multiple of {group.blocks}, got {m.k}"
+        )
     change = sign * m.k
-    if widths[group] + change < 1:
+    if widths[group.name] + change < 1:
         raise ScheduleError(
             f"{where}: pruning {m.k} channels of {m.target!r} would leave "
-            f"{widths[group] + change} (its width is {widths[group]} then)"
+            f"{widths[group.name] + change} (its width is {widths[group.name]} then)"
         )
-    widths[group] += change
+    widths[group.name] += change
 
 
 def _check_memory(where: str, m: Mutation, graph: Any, model: nn.Module) -> None:

@@ -27,9 +27,22 @@ class TensorEdit:
 
 def insertion_map(size: int, at: int, count: int, device: torch.device) -> torch.Tensor:
     """src index for inserting ``count`` new entries before position ``at`` of a ``size`` dim."""
+    return block_insertion_map(size, at, 0, 1, count, device)
+
+
+def block_insertion_map(
+    size: int, start: int, block: int, blocks: int, count: int, device: torch.device
+) -> torch.Tensor:
+    """src index for inserting ``count`` new entries after each of ``blocks`` consecutive
+    blocks of ``block`` entries that begin at ``start`` (the conv groups of a grouped conv's
+    channels: each keeps its own block, one block bigger by ``count``)."""
     old = torch.arange(size, device=device)
     new = torch.full((count,), -1, dtype=torch.long, device=device)
-    return torch.cat([old[:at], new, old[at:]])
+    pieces = [old[:start]]
+    for b in range(blocks):
+        pieces += [old[start + b * block : start + (b + 1) * block], new]
+    pieces.append(old[start + blocks * block :])
+    return torch.cat(pieces)
 
 
 def removal_map(size: int, remove: torch.Tensor) -> torch.Tensor:
@@ -37,6 +50,16 @@ def removal_map(size: int, remove: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(size, dtype=torch.bool, device=remove.device)
     keep[remove] = False
     return torch.arange(size, device=remove.device)[keep]
+
+
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-d tensor laid out that way (``trainer.channels_last``), else
+    ``contiguous_format``: what a tensor replacing it is given, so a mutation keeps the
+    layout the convolutions run fastest in."""
+    if tensor.dim() == 4 and not tensor.is_contiguous():
+        if tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
 
 
 def remap(tensor: torch.Tensor, maps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
@@ -67,15 +90,19 @@ def remap_optimizer(
     """Point ``optimizer`` at the new parameters and carry their state through the index maps.
 
     State tensors shaped like the parameter (momentum, exp_avg, exp_avg_sq, ...) are remapped
-    (new entries zero); everything else (``step``, scalars) is kept as it was.
+    (new entries zero) and laid out as the new parameter; everything else (``step``, scalars)
+    is kept as it was.
     """
     for old, new, maps in swaps:
         for group in optimizer.param_groups:
             group["params"] = [new if p is old else p for p in group["params"]]
         if old in optimizer.state:
             state = optimizer.state.pop(old)
+            layout = memory_format(new)
             optimizer.state[new] = {
-                key: remap(v, maps) if torch.is_tensor(v) and v.shape == old.shape else v
+                key: remap(v, maps).contiguous(memory_format=layout)
+                if torch.is_tensor(v) and v.shape == old.shape
+                else v
                 for key, v in state.items()
             }
 

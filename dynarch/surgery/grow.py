@@ -11,15 +11,23 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.graph import ChannelGroup, remember_example_inputs
+from dynarch.graph import ChannelGroup, GroupMember, remember_example_inputs
 from dynarch.initializers import (
     GrowthContext,
     NewChannels,
+    check_grouped,
     check_initializer,
     init_name,
     new_channels,
 )
-from dynarch.layer_kinds import CHANNELWISE, CONSUMER, channel_tensors, neutral_values
+from dynarch.layer_kinds import (
+    CHANNELWISE,
+    CONSUMER,
+    ChannelTensor,
+    channel_blocks,
+    channel_tensors,
+    neutral_values,
+)
 from dynarch.models import count_params
 from dynarch.probes import (
     batches_to_reread,
@@ -28,9 +36,10 @@ from dynarch.probes import (
     mean_weight_grads,
     modes_restored,
 )
-from dynarch.surgery.edits import TensorEdit, all_or_nothing, insertion_map, remap
+from dynarch.surgery.edits import TensorEdit, all_or_nothing, block_insertion_map, remap
 from dynarch.surgery.guard import one_line_failures
 from dynarch.surgery.plan import (
+    check_blocks,
     check_forward,
     check_k,
     check_memory,
@@ -72,6 +81,8 @@ def grow(
     device = next((p.device for p in model.parameters()), None)
     check_finite_data(data, options.max_samples, reduce_sum, device)  # before it is remembered
     group, _, modules = resolve(model, target, example_inputs, data)
+    check_blocks(group, modules, k, f"growing {target!r}")
+    check_grouped(init, [m.module for m in group.members if channel_blocks(modules[m.module]) > 1])
     check_widths(group, modules, k)
     check_memory(group, modules, k, f"growing {target!r}", optimizer)
     params_before = count_params(model)
@@ -113,7 +124,7 @@ def grow(
         method=name,
         width_before=group.width,
         width_after=group.width + k,
-        indices=list(range(group.width, group.width + k)),
+        indices=new_indices(group, k),
         modules=group.member_modules(),
         params_before=params_before,
         params_after=count_params(model),
@@ -158,8 +169,35 @@ def new_fan_out_grad_norm(
         means, _ = mean_weight_grads(model, weights, data, loss_fn, max_samples)
     sq = 0.0
     for m, mean in zip(consumers, means, strict=True):
-        sq += float(mean.narrow(1, m.stop, k * m.multiplicity).pow(2).sum())
+        ct = channel_tensors(modules[m.module], m.role)[0]
+        src = insertion(group, m, ct, modules[m.module].weight.shape[ct.dim], k)
+        new_at = (src < 0).nonzero().squeeze(1).to(mean.device)
+        sq += float(mean.index_select(1, new_at).pow(2).sum())
     return sq**0.5
+
+
+def insertion(
+    group: ChannelGroup, member: GroupMember, ct: ChannelTensor, size: int, k: int
+) -> torch.Tensor:
+    """The src map (-1: new) of dimension ``ct.dim`` (of ``size`` entries) of one member
+    tensor when its group grows by ``k``: ``k / blocks`` channels appended to each of the
+    group's blocks (one block: all ``k`` after the group's channels at ``member.stop``); a
+    grouped conv's weight, which holds one conv group's inputs (``ct.folds``), holds
+    ``blocks / folds`` of them."""
+    mult, per_block = member.multiplicity, k // group.blocks
+    start = 0 if ct.folds > 1 else member.start
+    blocks = group.blocks // ct.folds
+    return block_insertion_map(
+        size, start, group.block_width * mult, blocks, per_block * mult, torch.device("cpu")
+    )
+
+
+def new_indices(group: ChannelGroup, k: int) -> list[int]:
+    """The channels of the grown group that are new (the last ``k`` for one block)."""
+    src = block_insertion_map(
+        group.width, 0, group.block_width, group.blocks, k // group.blocks, torch.device("cpu")
+    )
+    return (src < 0).nonzero().squeeze(1).tolist()
 
 
 def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
@@ -174,7 +212,7 @@ def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
                 f"initializer gave {kind}[{name!r}] of shape {have}, expected {shape}"
             )
     members = {
-        (m.module, ct.attr): (ct.dim, m.multiplicity)
+        (m.module, ct.attr): (ct.dim, ctx.k * m.multiplicity // ct.folds)
         for m in ctx.group.members
         for ct in channel_tensors(ctx.modules[m.module], m.role)
     }
@@ -185,11 +223,11 @@ def _check_new_channels(ctx: GrowthContext, new: NewChannels) -> None:
     for key, tensor in new.new_values.items():
         if key not in members:
             raise DynarchError(f"initializer's new_values{key} is not a member tensor")
-        dim, mult = members[key]
-        if tensor.shape[dim] != ctx.k * mult:
+        dim, count = members[key]
+        if tensor.shape[dim] != count:
             raise DynarchError(
                 f"initializer's new_values{key} has {tensor.shape[dim]} entries along dim "
-                f"{dim}, expected {ctx.k * mult}"
+                f"{dim}, expected {count}"
             )
 
 
@@ -212,8 +250,8 @@ def _plan(
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     for member in group.members:
         module = modules[member.module]
-        count = k * member.multiplicity
         for ct in channel_tensors(module, member.role):
+            count = k * member.multiplicity // ct.folds
             key = (member.module, ct.attr)
             current = tensors.get(key, new.existing.get(key, getattr(module, ct.attr)))
             if key in new.new_values:
@@ -231,16 +269,8 @@ def _plan(
             # along its other dimension: bring the new values to that size (zeros).
             values = remap(values, [(d, src) for d, src in edit.maps if d != ct.dim])
             values = values.to(device=current.device, dtype=current.dtype)
-            at = member.stop
-            tensors[key] = torch.cat(
-                [
-                    current.narrow(ct.dim, 0, at),
-                    values,
-                    current.narrow(ct.dim, at, current.shape[ct.dim] - at),
-                ],
-                dim=ct.dim,
-            ).detach()
-            edit.maps.append(
-                (ct.dim, insertion_map(current.shape[ct.dim], at, count, current.device))
-            )
+            src = insertion(group, member, ct, current.shape[ct.dim], k).to(current.device)
+            grown = remap(current.detach(), [(ct.dim, src)])
+            tensors[key] = grown.index_copy_(ct.dim, (src < 0).nonzero().squeeze(1), values)
+            edit.maps.append((ct.dim, src))
     return list(edits.values()), tensors

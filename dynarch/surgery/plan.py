@@ -16,10 +16,17 @@ from dynarch.errors import (
     first_line,
 )
 from dynarch.graph import ChannelGroup, remember_example_inputs, trace_group
-from dynarch.layer_kinds import channel_tensors, is_weighted, sync_sizes, width_problem
+from dynarch.layer_kinds import (
+    channel_blocks,
+    channel_size,
+    channel_tensors,
+    is_weighted,
+    sync_sizes,
+    width_problem,
+)
 from dynarch.probes import modes_restored
 from dynarch.scalars import as_positive
-from dynarch.surgery.edits import TensorEdit, remap, remap_optimizer
+from dynarch.surgery.edits import TensorEdit, memory_format, remap, remap_optimizer
 from dynarch.tp_adapter import tp
 
 
@@ -67,6 +74,23 @@ def check_k(k: Any, what: str = "k") -> int:
     return n
 
 
+def check_blocks(group: ChannelGroup, modules: dict[str, nn.Module], count: int, what: str) -> None:
+    """A group holding grouped convs changes by the same count in each of its blocks (each conv
+    group keeps its own channels): ``count`` must be a multiple of the number of blocks."""
+    if count % group.blocks == 0:
+        return
+    grouped = [
+        f"{m.module} (groups={channel_blocks(modules[m.module])})"
+        for m in group.members
+        if channel_blocks(modules[m.module]) > 1
+    ]
+    raise InvalidMutationError(
+        f"{what} by {count}: its channels are in {group.blocks} blocks of "
+        f"{group.block_width} (grouped convs {', '.join(dict.fromkeys(grouped))}), so they "
+        f"change by a multiple of {group.blocks}"
+    )
+
+
 def check_widths(group: ChannelGroup, modules: dict[str, nn.Module], change: int) -> None:
     """Width constraints of the members' layer kinds after adding ``change`` channels to the
     group (GroupNorm: divisible by its number of groups)."""
@@ -75,7 +99,7 @@ def check_widths(group: ChannelGroup, modules: dict[str, nn.Module], change: int
         tensors = channel_tensors(module, m.role)
         if not tensors:
             continue
-        size = getattr(module, tensors[0].attr).shape[tensors[0].dim]
+        size = channel_size(module, tensors[0])
         problem = width_problem(module, size + change * m.multiplicity)
         if problem:
             raise InvalidMutationError(f"{m.module}: {problem}")
@@ -163,16 +187,6 @@ def check_forward(model: nn.Module, action: str) -> Any:
         ) from exc
 
 
-def memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    """``channels_last`` for a 4-d tensor laid out that way (``trainer.channels_last``), else
-    ``contiguous_format``: what a tensor replacing it is given, so a mutation keeps the
-    layout the convolutions run fastest in."""
-    if tensor.dim() == 4 and not tensor.is_contiguous():
-        if tensor.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-    return torch.contiguous_format
-
-
 def swap_tensors(
     modules: dict[str, nn.Module],
     edits: list[TensorEdit],
@@ -184,11 +198,12 @@ def swap_tensors(
     for e in edits:
         module = modules[e.module]
         old = getattr(module, e.attr)
-        new = new_tensors[(e.module, e.attr)].contiguous(memory_format=memory_format(old))
+        layout = memory_format(old)
+        new = new_tensors[(e.module, e.attr)].contiguous(memory_format=layout)
         if isinstance(old, nn.Parameter):
             param = nn.Parameter(new, requires_grad=old.requires_grad)
-            if old.grad is not None:
-                param.grad = remap(old.grad, e.maps)
+            if old.grad is not None:  # laid out as the parameter, as autograd expects
+                param.grad = remap(old.grad, e.maps).contiguous(memory_format=layout)
             setattr(module, e.attr, param)
             swaps.append((old, param, e.maps))
         else:
@@ -212,6 +227,8 @@ def optimizer_swaps_after_replacement(
         new = getattr(modules[e.module], e.attr)
         if new.dim() == 4 and memory_format(old) != memory_format(new):
             new.data = new.data.contiguous(memory_format=memory_format(old))
+            if new.grad is not None:
+                new.grad = new.grad.contiguous(memory_format=memory_format(old))
         if isinstance(old, nn.Parameter):
             new.requires_grad_(old.requires_grad)
             swaps.append((old, new, e.maps))

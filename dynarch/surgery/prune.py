@@ -18,6 +18,7 @@ from dynarch.scalars import as_integer
 from dynarch.surgery.edits import TensorEdit, all_or_nothing, removal_map
 from dynarch.surgery.guard import one_line_failures
 from dynarch.surgery.plan import (
+    check_blocks,
     check_forward,
     check_k,
     check_widths,
@@ -81,10 +82,14 @@ def prune(
         raise InvalidMutationError(
             f"pruning {n_remove} of {group.width} channels would leave group {group.name!r} empty"
         )
+    check_blocks(group, modules, n_remove, f"pruning {target!r}")
+    if chosen is not None:
+        _check_same_in_every_block(chosen, group)
     check_widths(group, modules, -n_remove)
     root = group.root(target)  # not target when its channels join several groups (graph.py)
     if chosen is None:
-        chosen = _least_important(model, dg, root, k, importance, data, loss_fn)
+        scores = _scores(model, dg, root, importance, data, loss_fn)
+        chosen = _least_important(scores, k, group)
     params_before = count_params(model)
 
     remove = torch.tensor(chosen, dtype=torch.long)
@@ -131,16 +136,36 @@ def _check_idxs(idxs: Sequence[int], group: ChannelGroup) -> list[int]:
     return chosen
 
 
-def _least_important(
+def _check_same_in_every_block(chosen: list[int], group: ChannelGroup) -> None:
+    """A grouped conv's weight holds one conv group's inputs: every block must lose the same
+    positions (what Torch-Pruning's grouped-conv pruner assumes too)."""
+    width = group.block_width
+    per_block = [{i % width for i in chosen if i // width == b} for b in range(group.blocks)]
+    if any(positions != per_block[0] for positions in per_block):
+        raise InvalidMutationError(
+            f"idxs must remove the same positions in each of the {group.blocks} blocks of "
+            f"{width} channels of group {group.name!r} (grouped convs), got {chosen}"
+        )
+
+
+def _least_important(scores: torch.Tensor, k: int, group: ChannelGroup) -> list[int]:
+    """The k channels of lowest score; with several blocks the ``k / blocks`` positions of
+    lowest score summed over the blocks, in every block (as Torch-Pruning's grouped pruning)."""
+    width = group.block_width
+    per_position = scores.reshape(group.blocks, width).sum(0)
+    positions = torch.argsort(per_position, stable=True)[: k // group.blocks]
+    return sorted(b * width + j for b in range(group.blocks) for j in positions.tolist())
+
+
+def _scores(
     model: nn.Module,
     dg: tp.DependencyGraph,
     target: str,
-    k: int,
     importance: str,
     data: Any,
     loss_fn: Callable | None,
-) -> list[int]:
-    """The k channels with the lowest Torch-Pruning importance score in the whole group."""
+) -> torch.Tensor:
+    """Torch-Pruning's importance score of every channel of the group."""
     module = model.get_submodule(target)
     width = dg.get_out_channels(module)
     tp_group = dg.get_pruning_group(
@@ -168,7 +193,7 @@ def _least_important(
         scores = IMPORTANCES[importance]()(tp_group)
     if scores is None:
         raise InvalidMutationError(f"importance {importance!r} has nothing to score in {target!r}")
-    return sorted(torch.argsort(scores, stable=True)[:k].tolist())
+    return scores
 
 
 def _edits(
@@ -182,7 +207,10 @@ def _edits(
         positions = (member.start + remove[:, None] * mult + torch.arange(mult)).flatten()
         for ct in channel_tensors(module, member.role):
             tensor = getattr(module, ct.attr)
-            src = removal_map(tensor.shape[ct.dim], positions.to(tensor.device))
+            size = tensor.shape[ct.dim]
+            # a grouped conv's weight: the first conv group's positions (the same in each)
+            at = positions[positions < size] if ct.folds > 1 else positions
+            src = removal_map(size, at.to(tensor.device))
             edits.setdefault(
                 (member.module, ct.attr), TensorEdit(member.module, ct.attr)
             ).maps.append((ct.dim, src))
