@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     # for type checkers only; at run time __getattr__ imports from _HOMES
     from dynarch.errors import DynarchError  # noqa: F401
-    from dynarch.graph import ArchGraph, ChannelGroup, GroupMember  # noqa: F401
+    from dynarch.graph import ArchGraph  # noqa: F401
+    from dynarch.groups import ChannelGroup, GroupMember  # noqa: F401
     from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels  # noqa: F401
     from dynarch.initializers import register_initializer  # noqa: F401
     from dynarch.layer_kinds import (  # noqa: F401
@@ -29,9 +30,9 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "ArchGraph": "dynarch.graph",
-    "ChannelGroup": "dynarch.graph",
+    "ChannelGroup": "dynarch.groups",
     "DynarchError": "dynarch.errors",
-    "GroupMember": "dynarch.graph",
+    "GroupMember": "dynarch.groups",
     "ChannelwiseKind": "dynarch.layer_kinds",
     "GrowthContext": "dynarch.growth_context",
     "GrowthOptions": "dynarch.growth_context",

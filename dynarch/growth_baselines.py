@@ -26,7 +26,7 @@ from dynarch.gradmax import (
     gradient_matrix,
     random_when_unsupported,
 )
-from dynarch.graph import GroupMember
+from dynarch.groups import GroupMember
 from dynarch.growth_context import GrowthContext, GrowthOptions, NewChannels, takes_options
 from dynarch.layer_kinds import CHANNELWISE, CONSUMER, PRODUCER, channel_tensors, mixes_channels
 from dynarch.probes import mean_weight_grads, seeded_generator

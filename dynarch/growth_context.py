@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
-from dynarch.graph import ChannelGroup
+from dynarch.groups import ChannelGroup
 from dynarch.layer_kinds import CONSUMER, channel_blocks, channel_tensors, receptive_field
 from dynarch.scalars import as_integer, as_number
 

@@ -74,6 +74,8 @@ def test_imports_point_one_way() -> None:
     # the layering the docs draw: the engine never reaches up to what drives it
     for low, high in [
         ("dynarch.layer_kinds", "dynarch.graph"),
+        ("dynarch.tracing", "dynarch.groups"),  # the adapter, then groups, then the graph
+        ("dynarch.groups", "dynarch.graph"),
         ("dynarch.graph", "dynarch.surgery.grow"),
         ("dynarch.initializers", "dynarch.surgery.grow"),
         ("dynarch.history_store", "dynarch.query"),
@@ -97,3 +99,34 @@ def test_every_function_fits_on_a_screen() -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+# Torch-Pruning's private names dynarch relies on; a new release may change any of them, so
+# they are read and written in one module (the tracing adapter) only.
+TP_PRIVATE = {"index_mapping", "_ConcatIndexMapping", "_param_to_name", "update_index_mapping"}
+
+
+def _touches_tp_internals(node: ast.AST) -> bool:
+    """``tp.<...>._private`` or one of Torch-Pruning's private names."""
+    if isinstance(node, ast.Attribute):
+        root = node
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        from_tp = isinstance(root, ast.Name) and root.id in {"tp", "tp_index_mapping"}
+        private = node.attr.startswith("_") and not node.attr.startswith("__")
+        return node.attr in TP_PRIVATE or (from_tp and private)
+    if isinstance(node, ast.ImportFrom) and node.module == "dynarch.tp_adapter":
+        return any(alias.name in TP_PRIVATE for alias in node.names)
+    return False
+
+
+def test_only_the_tracing_adapter_touches_torch_prunings_internals() -> None:
+    touching = sorted(
+        {
+            module
+            for module, tree in _sources().items()
+            for n in ast.walk(tree)
+            if _touches_tp_internals(n)
+        }
+    )
+    assert touching == ["dynarch.tracing"]  # tp_adapter imports Torch-Pruning, no more

@@ -20,7 +20,7 @@ from dynarch.gradmax import (
     gradient_matrix,
     top_singular_vectors,
 )
-from dynarch.graph import GroupMember
+from dynarch.groups import GroupMember
 from dynarch.initializers import GrowthContext
 from dynarch.layer_kinds import CONSUMER
 from dynarch.policies.base import TrainState

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError
-from dynarch.graph import ChannelGroup, GroupMember, remember_example_inputs
+from dynarch.graph import remember_example_inputs
+from dynarch.groups import ChannelGroup, GroupMember
 from dynarch.initializers import (
     GrowthContext,
     NewChannels,
@@ -170,7 +171,8 @@ def new_fan_out_grad_norm(
     sq = 0.0
     for m, mean in zip(consumers, means, strict=True):
         ct = channel_tensors(modules[m.module], m.role)[0]
-        src = insertion(group, m, ct, modules[m.module].weight.shape[ct.dim], k)
+        size_before = modules[m.module].weight.shape[ct.dim] - k * m.multiplicity // ct.folds
+        src = insertion(group, m, ct, size_before, k)
         new_at = (src < 0).nonzero().squeeze(1).to(mean.device)
         sq += float(mean.index_select(1, new_at).pow(2).sum())
     return sq**0.5

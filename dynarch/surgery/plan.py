@@ -15,7 +15,8 @@ from dynarch.errors import (
     close_matches,
     first_line,
 )
-from dynarch.graph import ChannelGroup, remember_example_inputs, trace_group
+from dynarch.graph import remember_example_inputs, trace_group
+from dynarch.groups import ChannelGroup
 from dynarch.layer_kinds import (
     channel_blocks,
     channel_size,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dynarch.errors import DynarchError, InvalidMutationError, close_matches
-from dynarch.graph import ChannelGroup
+from dynarch.groups import ChannelGroup
 from dynarch.layer_kinds import channel_tensors
 from dynarch.models import count_params
 from dynarch.probes import buffers_restored, check_finite, check_finite_data
