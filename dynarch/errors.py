@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class DynarchError(ValueError):
@@ -34,6 +34,12 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' suffix for error messages, or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def some_of(names: Sequence[str], shown: int = 3) -> str:
+    """``names`` for a one-line message: the first ``shown``, then how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def first_line(exc: BaseException) -> str:

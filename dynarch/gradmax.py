@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynarch.basic_inits import epsilon_fan_in, gate_batchnorm, random_init
-from dynarch.errors import DynarchError
+from dynarch.errors import DynarchError, some_of
+from dynarch.groups import grouped_convs
 from dynarch.growth_context import (
     EpsilonOptions,
     GrowthContext,
@@ -419,12 +420,9 @@ def fan_out_from_columns(
 def _check_not_grouped(ctx: GrowthContext) -> None:
     """The statistics are one matrix per layer, for outputs that read every new channel; a
     grouped conv's output reads its own block's only (GradMax per block is not done)."""
-    grouped = ctx.grouped_convs()
+    grouped = grouped_convs(ctx.group, ctx.modules)
     if grouped:
-        named = ", ".join(grouped[:3]) + (
-            f" and {len(grouped) - 3} more" if len(grouped) > 3 else ""
-        )
-        raise GradMaxUnsupported(f"grouped convolutions ({named}) are not supported")
+        raise GradMaxUnsupported(f"grouped convolutions ({some_of(grouped)}) are not supported")
 
 
 def fallback_when_unsupported(

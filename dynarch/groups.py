@@ -124,6 +124,14 @@ class ChannelGroup:
         return data
 
 
+def grouped_convs(group: ChannelGroup, modules: dict[str, nn.Module]) -> list[str]:
+    """The members of ``group`` that are grouped convs (``groups`` > 1, not depthwise): what
+    makes it come in blocks (docs/architecture.md, "Grouped convolutions")."""
+    return list(
+        dict.fromkeys(m.module for m in group.members if channel_blocks(modules[m.module]) > 1)
+    )
+
+
 def groups_json(groups: Sequence[ChannelGroup]) -> str:
     """The graph attribute ``groups``: JSON text of the groups' :meth:`ChannelGroup.to_dict`."""
     return json.dumps([g.to_dict() for g in groups], sort_keys=True, separators=(",", ":"))

@@ -21,7 +21,7 @@ from torch import nn
 
 from dynarch.errors import DynarchError, close_matches
 from dynarch.groups import ChannelGroup
-from dynarch.layer_kinds import CONSUMER, channel_blocks, channel_tensors, receptive_field
+from dynarch.layer_kinds import CONSUMER, channel_tensors, receptive_field
 from dynarch.scalars import as_integer, as_number
 
 
@@ -77,15 +77,6 @@ class GrowthContext:
         )
         folds = channel_tensors(self.modules[consumer], CONSUMER)[0].folds
         return (w.shape[0], self.k * mult // folds, *w.shape[2:])
-
-    def grouped_convs(self) -> list[str]:
-        """The group's grouped convs (``groups`` > 1, not depthwise): their new channels are
-        read per block (docs/architecture.md, "Grouped convolutions")."""
-        return list(
-            dict.fromkeys(
-                m.module for m in self.group.members if channel_blocks(self.modules[m.module]) > 1
-            )
-        )
 
     def consumer_fan_in(self, consumer: str) -> int:
         """Fan-in of a consumer after growth (for default-scale random weights)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dynarch.basic_inits import random_init, zeros_init
-from dynarch.errors import DynarchError, close_matches
+from dynarch.errors import DynarchError, close_matches, some_of
 from dynarch.fanin import gradmax_fanin_init, gradmax_fanin_opt_init
 from dynarch.gradmax import fan_in_gradient_norm, gradmax_init, gradmax_opt_init
 from dynarch.growth_baselines import firefly_init, net2net_init
@@ -67,11 +67,10 @@ def check_grouped(init: str | Initializer, grouped: list[str]) -> None:
     name = init_name(init)
     if not grouped or callable(init) or name not in _NOT_GROUPED:
         return
-    named = ", ".join(grouped[:3]) + (f" and {len(grouped) - 3} more" if len(grouped) > 3 else "")
     raise DynarchError(
-        f"init {name!r} cannot grow a group with grouped convolutions ({named}): it copies "
-        "existing "
-        "channels, each of which belongs to one conv group; use random, zeros or a gradient init"
+        f"init {name!r} cannot grow a group with grouped convolutions ({some_of(grouped)}): it "
+        "copies existing channels, each of which belongs to one conv group; use random, zeros "
+        "or a gradient init"
     )
 
 

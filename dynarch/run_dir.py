@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dynarch.atomic import write_bytes
-from dynarch.errors import DynarchError, first_line
+from dynarch.errors import DynarchError, first_line, some_of
 
 # What a run dir holds once its run has started: its history and its checkpoint.
 HISTORY, CHECKPOINT = "history.db", "checkpoint.pt"
@@ -130,9 +130,8 @@ def config_disagreement(run_dir: Path, config: dict[str, Any]) -> str | None:
     keys = _differing_keys(loaded, config, "")
     if not keys:
         return None
-    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
-    shown = ", ".join(keys[:SHOWN_KEYS])
-    return f"{path} differs from the config this run started with in {shown}{more}"
+    shown = some_of(keys, SHOWN_KEYS)
+    return f"{path} differs from the config this run started with in {shown}"
 
 
 def _differing_keys(given: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:

@@ -147,16 +147,12 @@ def fit_pruning(
     widths = {t: state.width(t) for t in targets}
     blocks = {t: state.blocks(t) for t in targets}
 
+    def planned(target: str, share: float) -> int:  # whole blocks, min_width kept
+        width, b = widths[target], blocks[target]
+        return min(in_blocks(int(share * width), b), in_blocks(width - min_width, b, up=False))
+
     def plan(share: float) -> list[tuple[str, int]]:
-        return [
-            (
-                t,
-                min(
-                    in_blocks(int(share * w), blocks[t]), in_blocks(w - min_width, blocks[t], False)
-                ),
-            )
-            for t, w in widths.items()
-        ]
+        return [(t, planned(t, share)) for t in widths]
 
     def fits(share: float) -> bool:
         twin = trial_copy(state.model)

@@ -25,11 +25,6 @@ class TensorEdit:
     maps: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
-def insertion_map(size: int, at: int, count: int, device: torch.device) -> torch.Tensor:
-    """src index for inserting ``count`` new entries before position ``at`` of a ``size`` dim."""
-    return block_insertion_map(size, at, 0, 1, count, device)
-
-
 def block_insertion_map(
     size: int, start: int, block: int, blocks: int, count: int, device: torch.device
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from dynarch.errors import DynarchError
 from dynarch.graph import remember_example_inputs
-from dynarch.groups import ChannelGroup, GroupMember
+from dynarch.groups import ChannelGroup, GroupMember, grouped_convs
 from dynarch.initializers import (
     GrowthContext,
     NewChannels,
@@ -25,7 +25,6 @@ from dynarch.layer_kinds import (
     CHANNELWISE,
     CONSUMER,
     ChannelTensor,
-    channel_blocks,
     channel_tensors,
     neutral_values,
 )
@@ -83,7 +82,7 @@ def grow(
     check_finite_data(data, options.max_samples, reduce_sum, device)  # before it is remembered
     group, _, modules = resolve(model, target, example_inputs, data)
     check_blocks(group, modules, k, f"growing {target!r}")
-    check_grouped(init, [m.module for m in group.members if channel_blocks(modules[m.module]) > 1])
+    check_grouped(init, grouped_convs(group, modules))
     check_widths(group, modules, k)
     check_memory(group, modules, k, f"growing {target!r}", optimizer)
     params_before = count_params(model)
@@ -172,14 +171,19 @@ def new_fan_out_grad_norm(
     for m, mean in zip(consumers, means, strict=True):
         ct = channel_tensors(modules[m.module], m.role)[0]
         size_before = modules[m.module].weight.shape[ct.dim] - k * m.multiplicity // ct.folds
-        src = insertion(group, m, ct, size_before, k)
-        new_at = (src < 0).nonzero().squeeze(1).to(mean.device)
+        src = insertion(group, m, ct, size_before, k, mean.device)
+        new_at = (src < 0).nonzero().squeeze(1)
         sq += float(mean.index_select(1, new_at).pow(2).sum())
     return sq**0.5
 
 
 def insertion(
-    group: ChannelGroup, member: GroupMember, ct: ChannelTensor, size: int, k: int
+    group: ChannelGroup,
+    member: GroupMember,
+    ct: ChannelTensor,
+    size: int,
+    k: int,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """The src map (-1: new) of dimension ``ct.dim`` (of ``size`` entries) of one member
     tensor when its group grows by ``k``: ``k / blocks`` channels appended to each of the
@@ -190,7 +194,12 @@ def insertion(
     start = 0 if ct.folds > 1 else member.start
     blocks = group.blocks // ct.folds
     return block_insertion_map(
-        size, start, group.block_width * mult, blocks, per_block * mult, torch.device("cpu")
+        size,
+        start,
+        group.block_width * mult,
+        blocks,
+        per_block * mult,
+        device or torch.device("cpu"),
     )
 
 
@@ -271,7 +280,7 @@ def _plan(
             # along its other dimension: bring the new values to that size (zeros).
             values = remap(values, [(d, src) for d, src in edit.maps if d != ct.dim])
             values = values.to(device=current.device, dtype=current.dtype)
-            src = insertion(group, member, ct, current.shape[ct.dim], k).to(current.device)
+            src = insertion(group, member, ct, current.shape[ct.dim], k, current.device)
             grown = remap(current.detach(), [(ct.dim, src)])
             tensors[key] = grown.index_copy_(ct.dim, (src < 0).nonzero().squeeze(1), values)
             edit.maps.append((ct.dim, src))

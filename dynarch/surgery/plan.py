@@ -14,9 +14,10 @@ from dynarch.errors import (
     UnsupportedOpError,
     close_matches,
     first_line,
+    some_of,
 )
 from dynarch.graph import remember_example_inputs, trace_group
-from dynarch.groups import ChannelGroup
+from dynarch.groups import ChannelGroup, grouped_convs
 from dynarch.layer_kinds import (
     channel_blocks,
     channel_size,
@@ -80,14 +81,10 @@ def check_blocks(group: ChannelGroup, modules: dict[str, nn.Module], count: int,
     group keeps its own channels): ``count`` must be a multiple of the number of blocks."""
     if count % group.blocks == 0:
         return
-    grouped = [
-        f"{m.module} (groups={channel_blocks(modules[m.module])})"
-        for m in group.members
-        if channel_blocks(modules[m.module]) > 1
-    ]
+    grouped = [f"{n} (groups={channel_blocks(modules[n])})" for n in grouped_convs(group, modules)]
     raise InvalidMutationError(
         f"{what} by {count}: its channels are in {group.blocks} blocks of "
-        f"{group.block_width} (grouped convs {', '.join(dict.fromkeys(grouped))}), so they "
+        f"{group.block_width} (grouped convs {some_of(grouped)}), so they "
         f"change by a multiple of {group.blocks}"
     )
 
